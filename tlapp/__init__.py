@@ -1,0 +1,26 @@
+"""tlapp: transfer learning for image folders with Keras 3 on TensorFlow.
+
+Public API: train, evaluate, predict, export, load_run, Config. They are loaded on first
+use, so `import tlapp` (and `tlapp --help`) does not wait for TensorFlow.
+"""
+import importlib
+
+__version__ = "0.1.0"
+_API = {
+    "Config": ("tlapp.config", "Config"),
+    "UserInputError": ("tlapp.config", "UserInputError"),
+    "Run": ("tlapp.pipeline", "Run"),
+    "train": ("tlapp.pipeline", "train"),
+    "evaluate": ("tlapp.pipeline", "evaluate_run"),
+    "predict": ("tlapp.pipeline", "predict"),
+    "load_run": ("tlapp.pipeline", "load_run"),
+    "export": ("tlapp.export", "export_saved_model"),
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name not in _API:
+        raise AttributeError(f"module 'tlapp' has no attribute {name!r}")
+    module, attribute = _API[name]
+    return getattr(importlib.import_module(module), attribute)

@@ -1,0 +1,77 @@
+"""The new classifier head, and the three models built around one backbone.
+
+- stem model: pixels -> cached activations (preprocessing, frozen layers up to the cut,
+  global average pooling when nothing above the cut is trained);
+- training model: cached activations -> probabilities (unfrozen top blocks + head);
+- full model: pixels -> probabilities, what `model.keras` holds.
+All three share layer objects, so training the second trains the third.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from tlapp import backbones
+
+
+@dataclasses.dataclass
+class Models:
+    stem: keras.Model
+    train: keras.Model
+    full: keras.Model
+    pooled_features: keras.Model  # cached activations -> pooled vector before the head
+    normalization: keras.layers.Normalization
+    pooled: bool  # True when the cache holds one pooled vector per image
+
+
+def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str,
+                 num_classes: int, dropout: float, image_size: int) -> Models:
+    """Freezes `base` up to `cut` and wires the stem, training and full models.
+
+    The head is: global average pooling, standardisation of each pooled feature (a
+    Normalization layer; call `adapt_head` before training), dropout, dense softmax.
+    Standardising matters: pooled activations share a large common offset (at random
+    initialisation especially) that otherwise swamps a linear head's gradients.
+    """
+    stem, top = backbones.split_backbone(base, cut)
+    frozen = True
+    for layer in base.layers:
+        layer.trainable = not frozen
+        if layer.name == cut:
+            frozen = False
+
+    pixels = keras.Input((image_size, image_size, 3), name="pixels")
+    preprocess = backbones.Preprocess(spec.preprocess, name="preprocess")
+    head_norm = keras.layers.Normalization(name="head_standardize")
+    head_dropout = keras.layers.Dropout(dropout, name="head_dropout")
+    head_dense = keras.layers.Dense(num_classes, activation="softmax", name="probabilities",
+                                    dtype="float32")
+
+    features = stem(preprocess(pixels))
+    if top is None:
+        features = keras.layers.GlobalAveragePooling2D(name="stem_pool")(features)
+    stem_model = keras.Model(pixels, features, name="stem_model")
+
+    cached = keras.Input(tuple(features.shape[1:]), name="features")
+    x = cached
+    if top is not None:
+        # BatchNormalization stays in inference mode, as in the Keras transfer-learning guide.
+        x = keras.layers.GlobalAveragePooling2D(name="top_pool")(top(x, training=False))
+    pooled_model = keras.Model(cached, x, name="pooled_features")
+    train_model = keras.Model(cached, head_dense(head_dropout(head_norm(x))), name="train_model")
+
+    x = base(preprocess(pixels), training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    full_model = keras.Model(pixels, head_dense(head_dropout(head_norm(x))),
+                             name=f"tlapp_{spec.name}")
+    return Models(stem_model, train_model, full_model, pooled_model, head_norm,
+                  pooled=top is None)
+
+
+def adapt_head(models: Models, train_features: np.ndarray, batch_size: int = 64) -> None:
+    """Sets the head's standardisation to the mean and variance of the pooled training features."""
+    pooled = train_features if models.pooled else models.pooled_features.predict(
+        train_features, batch_size=batch_size, verbose=0)
+    models.normalization.adapt(pooled)

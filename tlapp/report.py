@@ -1,0 +1,40 @@
+"""Text reports: the backbone table and a backbone's cut points."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from tlapp import backbones
+
+
+def backbone_table(name: str | None = None, image_size: int | None = None) -> str:
+    """Without `name`: one row per backbone. With it: its cut points, output shapes and the
+    cache bytes per image (float32; the final layer is cached pooled)."""
+    if name is None:
+        rows = [("name", "parameters", "default size", "features", "preprocessing")]
+        for spec in backbones.BACKBONES.values():
+            keras.backend.clear_session()
+            model = backbones.build_backbone(spec, "none", max(spec.min_size, 75))
+            rows.append((spec.name, f"{model.count_params():,}", str(spec.default_size),
+                         str(model.output.shape[-1]), spec.preprocess))
+        return _format(rows)
+    spec = backbones.get_spec(name)
+    size = image_size or spec.default_size
+    model = backbones.build_backbone(spec, "none", size)
+    blocks = set(backbones.block_ends(spec, model))
+    rows = [("cut point", "output shape", "cache bytes/image", "block end")]
+    final = model.layers[-1].name
+    for point in backbones.cut_points(model):
+        shape = tuple(model.get_layer(point).output.shape[1:])
+        cached = shape[-1:] if point == final else shape
+        rows.append((point, "x".join(map(str, shape)), f"{int(np.prod(cached)) * 4:,}",
+                     "yes" if point in blocks else ""))
+    header = (f"{spec.name} at {size}x{size}: {len(rows) - 1} cut points "
+              f"(--cut LAYER; --trainable-blocks N counts block ends from the top)\n")
+    return header + _format(rows)
+
+
+def _format(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in rows)
