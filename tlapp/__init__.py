@@ -14,7 +14,7 @@ _API = {
     "evaluate": ("tlapp.pipeline", "evaluate_run"),
     "predict": ("tlapp.pipeline", "predict"),
     "load_run": ("tlapp.pipeline", "load_run"),
-    "export": ("tlapp.export", "export_saved_model"),
+    "export": ("tlapp.exporting", "export_saved_model"),
 }
 __all__ = sorted(_API)
 

@@ -116,10 +116,10 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tlapp import export, pipeline
+    from tlapp import exporting, pipeline
 
     run = pipeline.load_run(args.run)
-    out = export.export_saved_model(run.model, run.labels, args.out or run.path / "saved_model")
+    out = exporting.export_saved_model(run.model, run.labels, args.out or run.path / "saved_model")
     print(f"exported SavedModel to {out}")
     return 0
 

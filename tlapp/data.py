@@ -131,18 +131,23 @@ def assign_splits(paths: list[str], val_fraction: float, test_fraction: float) -
     """Stable hash split of one class's files, with at least one val and one test file
     whenever the class has 3 or more files.
 
-    A file's split depends only on its own path, except in a class the hash left without
-    a val or test file: there the train files nearest the boundary are moved to fill it.
+    A file's split depends only on its own path, except in a class the hash left without a
+    train, val or test file: there one file is moved from a split that can spare one (train
+    first, lowest hash first). Adding files to a class that needed no filling moves nothing.
     """
     u = {p: hash_fraction(p) for p in paths}
     split = {p: "test" if u[p] < test_fraction else
              "val" if u[p] < test_fraction + val_fraction else "train" for p in paths}
     if len(paths) >= 3:
         by_u = sorted(paths, key=u.get)
-        if test_fraction > 0 and "test" not in split.values():
-            split[next(p for p in by_u if split[p] == "train")] = "test"
-        if val_fraction > 0 and "val" not in split.values():
-            split[next(p for p in by_u if split[p] == "train")] = "val"
+        wanted = ["train"] + [name for name, f in (("test", test_fraction),
+                                                   ("val", val_fraction)) if f > 0]
+        for target in wanted:
+            counts = {name: list(split.values()).count(name) for name in SPLITS}
+            if counts[target] == 0:  # take a file from a split that can spare one, train first
+                donors = [p for p in by_u if counts[split[p]] > 1]
+                donor = next((p for p in donors if split[p] == "train"), donors[0])
+                split[donor] = target
     return split
 
 

@@ -71,7 +71,18 @@ def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str,
 
 
 def adapt_head(models: Models, train_features: np.ndarray, batch_size: int = 64) -> None:
-    """Sets the head's standardisation to the mean and variance of the pooled training features."""
+    """Sets the head's standardisation from the pooled training features.
+
+    Each feature's variance is floored at 1% of the mean variance: a feature that is
+    nearly constant on the training images must not turn into a huge input on new ones.
+    """
     pooled = train_features if models.pooled else models.pooled_features.predict(
         train_features, batch_size=batch_size, verbose=0)
-    models.normalization.adapt(pooled)
+    pooled = np.asarray(pooled, dtype=np.float64)
+    variance = pooled.var(axis=0)
+    floor = 0.01 * variance.mean() if variance.mean() > 0 else 1.0
+    layer = models.normalization
+    layer.adapt(pooled[:2].astype(np.float32))  # builds the layer's state variables
+    layer.adapt_mean.assign(pooled.mean(axis=0).astype(np.float32))
+    layer.adapt_variance.assign(np.maximum(variance, floor).astype(np.float32))
+    layer.finalize_state()

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from tlapp import backbones, cache as cache_lib, config as config_lib, data as data_lib
-from tlapp import evaluate, export, head, train as train_lib
+from tlapp import evaluation, exporting, head, training
 from tlapp.config import Config, UserInputError
 
 
@@ -171,7 +171,7 @@ def run(config: Config, verbose: bool = True) -> Run:
     temp.mkdir(parents=True)
     tick = time.perf_counter()
     head.adapt_head(models, train_set[0])
-    history = train_lib.fit_on_features(models.train, train_set, val_set, config.epochs,
+    history = training.fit_on_features(models.train, train_set, val_set, config.epochs,
                                         config.batch_size, config.lr, config.seed,
                                         log_dir=temp / "logs", verbose=verbose)
     timings["train_s"] = time.perf_counter() - tick
@@ -179,7 +179,7 @@ def run(config: Config, verbose: bool = True) -> Run:
     results = {}
     for name, (features, labels) in (("val", val_set), ("test", test_set)):
         probabilities = models.train.predict(features, verbose=0) if len(labels) else None
-        results[name] = evaluate.classification_metrics(labels, probabilities, scanned.classes)
+        results[name] = evaluation.classification_metrics(labels, probabilities, scanned.classes)
     metrics = {
         "val_accuracy": results["val"]["accuracy"],
         "test_accuracy": results["test"]["accuracy"],
@@ -194,9 +194,9 @@ def run(config: Config, verbose: bool = True) -> Run:
     (temp / "config.toml").write_text(config_lib.to_toml(resolved))
     (temp / "labels.txt").write_text("\n".join(scanned.classes) + "\n")
     (temp / "split.json").write_text(json.dumps(scanned.split_json(), indent=1) + "\n")
-    train_lib.write_history(temp / "history.csv", history)
+    training.write_history(temp / "history.csv", history)
     models.full.save(temp / "model.keras")
-    export.export_saved_model(models.full, scanned.classes, temp / "saved_model")
+    exporting.export_saved_model(models.full, scanned.classes, temp / "saved_model")
     timings["save_export_s"] = time.perf_counter() - tick
     timings["total_s"] = time.perf_counter() - start
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -248,7 +248,7 @@ def evaluate_run(run: Run | str | Path, data: str | Path | None = None,
         raise UserInputError("No images to evaluate on.")
     dataset = data_lib.image_dataset(paths, run.image_size, batch_size)
     probabilities = run.model.predict(dataset, verbose=1 if verbose else 0)
-    result = evaluate.classification_metrics(np.array(labels), probabilities, run.labels)
+    result = evaluation.classification_metrics(np.array(labels), probabilities, run.labels)
     result["data"] = str(data) if data else "test split"
     metrics_file = run.path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}

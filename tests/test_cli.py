@@ -1,0 +1,123 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import make_folder
+from tlapp import cli
+
+
+def run_cli(capsys, *args):
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_backbone", "Unknown backbone. Received: backbone='resnet51'"),
+    ("invalid_cut", "not a valid cut point of vgg16"),
+    ("missing_folder", "Data folder not found"),
+    ("one_class", "1 class folder"),
+    ("offline_imagenet", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ("bad_value", "epochs=0"),
+    ("missing_config", "Config file not found"),
+])
+def test_bad_usage_exits_2_with_a_message(tmp_path, capsys, case, message):
+    data = make_folder(tmp_path / "data", per_class=3,
+                       classes={"cat": 0} if case == "one_class" else {"cat": 0, "dog": 0.3})
+    args = ["train", data, "--backbone", "vgg16", "--weights", "none", "--image-size", 32,
+            "--epochs", 1, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run"]
+    args += {
+        "unknown_backbone": ["--backbone", "resnet51"],
+        "invalid_cut": ["--cut", "block4_conv9"],
+        "missing_folder": [],
+        "one_class": [],
+        "offline_imagenet": ["--weights", "imagenet"],
+        "bad_value": ["--epochs", 0],
+        "missing_config": ["--config", tmp_path / "nope.toml"],
+    }[case]
+    if case == "missing_folder":
+        args[1] = tmp_path / "nowhere"
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "run").exists()
+
+
+def test_console_script_exit_status_and_message(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tlapp", "train", str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, env=os.environ | {"CI": "1"})
+    assert result.returncode == 2
+    assert "error: Data folder not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_command():
+    result = subprocess.run([sys.executable, "-m", "tlapp", "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0
+    for command in ("train", "evaluate", "predict", "export", "backbones", "demo"):
+        assert command in result.stdout
+
+
+def test_toml_config_with_flag_overrides(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=4)
+    config = tmp_path / "run.toml"
+    config.write_text(f'data = "{data}"\nbackbone = "vgg16"\nweights = "none"\n'
+                      f'image_size = 32\nepochs = 3\nbatch_size = 4\n'
+                      f'cache_dir = "{tmp_path / "cache"}"\n')
+    code, out, err = run_cli(capsys, "train", "--config", config, "--epochs", 2,
+                             "--trainable-blocks", 1, "--out", tmp_path / "run")
+    assert code == 0, err
+    written = (tmp_path / "run" / "config.toml").read_text()
+    assert "epochs = 2" in written and 'cut = "block4_pool"' in written
+    assert "batch_size = 4" in written
+    assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 3
+
+
+def test_predict_reports_unreadable_files(trained_run, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    good = next((trained_run.path.parent / "data" / "cat").iterdir())
+    code, out, _ = run_cli(capsys, "predict", good, bad, "--model", trained_run.path, "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert lines[0]["path"] == str(good) and len(lines[0]["predictions"]) == 3
+    assert lines[1]["path"] == str(bad) and lines[1]["error"].startswith("cannot decode")
+    code, _, err = run_cli(capsys, "predict", bad, "--model", trained_run.path)
+    assert code == 2 and "none of the inputs" in err
+
+
+def test_predict_with_a_folder_that_is_not_a_run(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "predict", "x.jpg", "--model", tmp_path)
+    assert code == 2 and "not a tlapp run folder" in err
+
+
+def test_backbones_table_for_one_backbone(capsys):
+    code, out, _ = run_cli(capsys, "backbones", "resnet50", "--image-size", 64)
+    assert code == 0
+    assert "conv4_block6_out" in out and "4x4x1024" in out and "65,536" in out
+    line = next(l for l in out.splitlines() if l.startswith("conv5_block3_out"))
+    assert "8,192" in line  # the final layer is cached pooled: 2048 float32
+
+
+def test_backbones_table_lists_the_registry(capsys):
+    code, out, _ = run_cli(capsys, "backbones")
+    assert code == 0
+    assert "23,587,712" in out  # ResNet50 without its top
+    assert "14,714,688" in out  # VGG16 without its top
+    assert len(out.splitlines()) == 1 + 13
+
+
+def test_demo_runs_offline_end_to_end(tmp_path, capsys):
+    from tlapp import demo
+
+    run = demo.run_demo(tmp_path / "demo", cache_dir=str(tmp_path / "cache"), epochs=15)
+    out = capsys.readouterr().out
+    assert "could not be downloaded; continuing with random initialisation" in out
+    assert run.metrics["test_accuracy"] > 0.6  # chance is 0.25
+    assert "reloaded in a fresh Python process" in out
+    assert sum(f"-> {kind}" in out for kind in demo.CLASSES) >= 3

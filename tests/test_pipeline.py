@@ -1,0 +1,156 @@
+import csv
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import tlapp
+from tests.conftest import make_folder
+from tlapp import cli, config as config_lib, data as data_lib
+
+RUN_FILES = ["config.toml", "labels.txt", "split.json", "history.csv", "metrics.json",
+             "model.keras", "saved_model/saved_model.pb"]
+
+
+def test_run_folder_has_every_file(trained_run):
+    for name in RUN_FILES:
+        assert (trained_run.path / name).exists(), name
+    assert list((trained_run.path / "logs").rglob("*tfevents*"))
+    assert not list(trained_run.path.parent.glob(".*partial"))
+    assert (trained_run.path / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
+
+
+def test_metrics_and_history_are_in_range(trained_run):
+    metrics = json.loads((trained_run.path / "metrics.json").read_text())
+    for key in ("val_accuracy", "test_accuracy"):
+        assert 0 <= metrics[key] <= 1
+    assert metrics["counts"] | {} == metrics["counts"]
+    assert metrics["counts"]["used"] == 24 and metrics["counts"]["skipped"] == 0
+    assert sum(c["support"] for c in metrics["test"]["per_class"].values()) == \
+        metrics["counts"]["test"]
+    # colour-coded classes are easy even for random features
+    assert metrics["test_accuracy"] > 0.5
+    with open(trained_run.path / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    assert {r["stage"] for r in rows} == {"head"}
+
+
+def test_config_toml_reproduces_the_run_settings(trained_run):
+    config = config_lib.from_dict(config_lib.load_toml(trained_run.path / "config.toml"))
+    assert config == trained_run.config
+    assert config.cut == "conv5_block3_out" and config.image_size == 32
+
+
+def test_second_identical_run_never_runs_the_stem(trained_run, tmp_path, monkeypatch, capsys):
+    def no_images(*args, **kwargs):
+        raise AssertionError("the stem ran although every row was cached")
+
+    monkeypatch.setattr(data_lib, "image_dataset", no_images)
+    config = trained_run.config.replace(out=str(tmp_path / "again"))
+    again = tlapp.pipeline.run(config)
+    assert "cache: 24/24 images already extracted" in capsys.readouterr().out
+    assert again.metrics["cache"] == trained_run.metrics["cache"] | {"extracted": 0,
+                                                                      "reused": 24}
+    assert again.metrics["test_accuracy"] == trained_run.metrics["test_accuracy"]
+    assert again.metrics["val"] == trained_run.metrics["val"]
+
+
+def test_new_images_extract_only_themselves(trained_run, tmp_path):
+    data = tmp_path / "data"
+    make_folder(data, per_class=8)  # same pixels as the run's data: same content hashes
+    make_folder(data / "..", per_class=0)
+    from tests.conftest import write_image
+    write_image(data / "cat" / "extra.png", 0.02, np.random.default_rng(9))
+    config = trained_run.config.replace(data=str(data), out=str(tmp_path / "more"))
+    more = tlapp.pipeline.run(config, verbose=False)
+    assert more.metrics["cache"]["extracted"] == 1
+    assert more.metrics["cache"]["reused"] == 24
+
+
+def test_load_run_predicts_like_the_trained_model(trained_run):
+    run = tlapp.load_run(trained_run.path)
+    files = sorted(str(p) for p in (trained_run.path.parent / "data" / "dog").iterdir())[:3]
+    results = run.predict(files, top_k=3)
+    assert [r["path"] for r in results] == files
+    for r in results:
+        assert len(r["predictions"]) == 3
+        assert abs(sum(p["probability"] for p in r["predictions"]) - 1) < 1e-5
+    pixels = np.stack([data_lib.decode_image(open(f, "rb").read(), 32) for f in files])
+    np.testing.assert_allclose(run.model.predict(pixels, verbose=0),
+                               trained_run.model.predict(pixels, verbose=0), atol=1e-6)
+
+
+SERVE = """
+import json, sys
+import tensorflow as tf
+assert "tlapp" not in sys.modules
+model = tf.saved_model.load(sys.argv[1])
+files = sys.argv[2:]
+out = model.signatures["serving_default"](images=tf.constant([open(f, "rb").read() for f in files]))
+print(json.dumps({"probabilities": out["probabilities"].numpy().tolist(),
+                  "class_name": [n.decode() for n in out["class_name"].numpy()],
+                  "class_index": out["class_index"].numpy().tolist()}))
+"""
+
+
+def test_saved_model_in_fresh_process_equals_tlapp_predict(trained_run, capsys):
+    files = sorted(str(p) for p in (trained_run.path.parent / "data").rglob("*_0[0-2].*"))
+    assert cli.main(["predict", *files, "--model", str(trained_run.path), "--json",
+                     "--top-k", "3"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    served = subprocess.run([sys.executable, "-c", SERVE, str(trained_run.path / "saved_model"),
+                             *files], capture_output=True, text=True, check=True, cwd="/")
+    served = json.loads(served.stdout.strip().splitlines()[-1])
+    labels = trained_run.labels
+    for line, probabilities, name in zip(lines, served["probabilities"], served["class_name"]):
+        by_label = {p["label"]: p["probability"] for p in line["predictions"]}
+        np.testing.assert_allclose([by_label[label] for label in labels], probabilities,
+                                   atol=1e-5)
+        assert name == line["predictions"][0]["label"]
+
+
+def test_saved_model_pixel_signature(trained_run):
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(trained_run.path / "saved_model"))
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    out = served.signatures["serving_pixels"](pixels=tf.constant(pixels))
+    np.testing.assert_allclose(out["probabilities"].numpy(),
+                               trained_run.model.predict(pixels, verbose=0), atol=1e-5)
+    assert out["class_index"].shape == (2,)
+
+
+def test_evaluate_and_export_commands(trained_run, tmp_path, capsys):
+    assert cli.main(["evaluate", str(trained_run.path)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    metrics = json.loads((trained_run.path / "metrics.json").read_text())
+    assert metrics["evaluate"]["count"] == metrics["counts"]["test"]
+    assert abs(metrics["evaluate"]["accuracy"] - metrics["test_accuracy"]) < 1e-6
+    assert cli.main(["export", str(trained_run.path), "--out", str(tmp_path / "sm")]) == 0
+    assert (tmp_path / "sm" / "saved_model.pb").is_file()
+    assert (tmp_path / "sm" / "assets" / "labels.txt").read_text().split() == trained_run.labels
+
+
+def test_spatial_cut_trains_the_top_and_saves_consistently(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=5)
+    run = tlapp.train(str(data), backbone="vgg16", weights="none", trainable_blocks=1,
+                      image_size=32, epochs=2, batch_size=8, cache_dir=str(tmp_path / "cache"),
+                      out=str(tmp_path / "run"), verbose=False)
+    assert run.config.cut == "block4_pool"
+    assert run.metrics["cache"]["extracted"] == 15
+    reloaded = tlapp.load_run(run.path).model
+    trainable = [layer.name for layer in reloaded.get_layer("vgg16").layers
+                 if layer.trainable and layer.weights]
+    assert trainable == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    pixels = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(reloaded.predict(pixels, verbose=0),
+                               run.model.predict(pixels, verbose=0), atol=1e-6)
+
+
+def test_existing_output_folder_is_refused(trained_run):
+    with pytest.raises(tlapp.UserInputError, match="already exists"):
+        tlapp.pipeline.run(trained_run.config)
