@@ -12,7 +12,8 @@ from tests.conftest import make_folder
 from tlapp import cli, config as config_lib, data as data_lib
 
 RUN_FILES = ["config.toml", "labels.txt", "split.json", "history.csv", "metrics.json",
-             "model.keras", "saved_model/saved_model.pb"]
+             "model.keras", "saved_model/saved_model.pb", "plots/training_curves.png",
+             "plots/confusion_matrix.png"]
 
 
 def test_run_folder_has_every_file(trained_run):
@@ -21,6 +22,8 @@ def test_run_folder_has_every_file(trained_run):
     assert list((trained_run.path / "logs").rglob("*tfevents*"))
     assert not list(trained_run.path.parent.glob(".*partial"))
     assert (trained_run.path / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
+    for plot in ("training_curves", "confusion_matrix"):
+        assert (trained_run.path / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_metrics_and_history_are_in_range(trained_run):
@@ -154,3 +157,18 @@ def test_spatial_cut_trains_the_top_and_saves_consistently(tmp_path):
 def test_existing_output_folder_is_refused(trained_run):
     with pytest.raises(tlapp.UserInputError, match="already exists"):
         tlapp.pipeline.run(trained_run.config)
+
+
+def test_tfds_dataset_trains_through_the_folder_path(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=100):
+        run = tlapp.train("tfds:mnist", backbone="vgg16", weights="none", image_size=32,
+                          epochs=1, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"),
+                          verbose=False)
+    assert run.config.data == "tfds:mnist"
+    assert len(run.labels) == 10 and run.labels[3] == "3_3"
+    assert run.metrics["counts"]["train"] == 100 and run.metrics["counts"]["test"] == 100
+    assert (tmp_path / "cache" / "tfds" / "mnist" / "val").is_dir()
+    split = json.loads((run.path / "split.json").read_text())
+    assert all(p.startswith("train/") for p in split["train"])

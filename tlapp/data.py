@@ -292,18 +292,25 @@ def materialize_tfds(name: str, root: Path, verbose: bool = True) -> Path:
     class_names = [f"{i:0{width}d}_{c}".replace("/", "_") for i, c in enumerate(classes)]
     temp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(temp, ignore_errors=True)
-    for split in info.splits:
+    written = 0
+    for split in list(info.splits) or ["train", "validation", "test"]:
         target = {"validation": "val"}.get(split, split)
         if target not in SPLITS:
             continue
+        try:
+            dataset = builder.as_dataset(split=split)
+        except (ValueError, KeyError):  # the dataset has no such split
+            continue
         for name_ in class_names:
             (temp / target / name_).mkdir(parents=True, exist_ok=True)
-        dataset = builder.as_dataset(split=split)
         if verbose:
             print(f"tfds: writing {name} {split} as PNG files under {folder}")
         for i, example in enumerate(dataset):
             png = tf.io.encode_png(example["image"]).numpy()
             label = int(example["label"])
             (temp / target / class_names[label] / f"{i:07d}.png").write_bytes(png)
+            written += 1
+    if not (temp / "train").is_dir() or not written:
+        raise UserInputError(f"TFDS dataset '{name}' has no 'train' split with images.")
     temp.rename(folder)
     return folder

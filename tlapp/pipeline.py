@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from tlapp import backbones, cache as cache_lib, config as config_lib, data as data_lib
-from tlapp import evaluation, exporting, head, training
+from tlapp import evaluation, exporting, head, report, training
 from tlapp.config import Config, UserInputError
 
 
@@ -195,6 +195,11 @@ def run(config: Config, verbose: bool = True) -> Run:
     (temp / "labels.txt").write_text("\n".join(scanned.classes) + "\n")
     (temp / "split.json").write_text(json.dumps(scanned.split_json(), indent=1) + "\n")
     training.write_history(temp / "history.csv", history)
+    (temp / "plots").mkdir()
+    report.plot_history(history, temp / "plots" / "training_curves.png")
+    if results["test"]["count"]:
+        report.plot_confusion(results["test"]["confusion_matrix"], scanned.classes,
+                              temp / "plots" / "confusion_matrix.png")
     models.full.save(temp / "model.keras")
     exporting.export_saved_model(models.full, scanned.classes, temp / "saved_model")
     timings["save_export_s"] = time.perf_counter() - tick
@@ -230,8 +235,8 @@ def evaluate_run(run: Run | str | Path, data: str | Path | None = None,
         root = data_lib.resolve_data(run.config.data, Path(run.config.cache_dir), verbose)
         split = json.loads((run.path / "split.json").read_text())
         paths = [root / p for p in split["test"]]
-        labels = [run.labels.index(p.split("/")[-2] if not root.joinpath("train").is_dir()
-                                    else p.split("/")[1]) for p in split["test"]]
+        class_part = 1 if (root / "train").is_dir() else 0  # train/CLASS/... or CLASS/...
+        labels = [run.labels.index(p.split("/")[class_part]) for p in split["test"]]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserInputError(f"{len(missing)} test images of this run are gone "

@@ -38,3 +38,50 @@ def _format(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
                      for row in rows)
+
+
+def plot_history(rows: list[dict], path) -> None:
+    """Loss and accuracy per epoch, train and val, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    epochs = list(range(1, len(rows) + 1))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = [row.get(prefix + metric) for row in rows]
+            if any(v is not None for v in values):
+                axis.plot(epochs, [float("nan") if v is None else v for v in values], style,
+                          label=(prefix or "train_") + metric)
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], path) -> None:
+    """A labelled confusion matrix (rows: true class, columns: predicted) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    n = len(classes)
+    side = min(4 + 0.35 * n, 24)
+    figure, axis = plt.subplots(figsize=(side, side))
+    axis.imshow(np.asarray(matrix), cmap="Blues")
+    axis.set_xticks(range(n), classes, rotation=90, fontsize=max(5, 10 - n // 10))
+    axis.set_yticks(range(n), classes, fontsize=max(5, 10 - n // 10))
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                axis.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
