@@ -251,3 +251,22 @@ def split_backbone(model: keras.Model, cut: str) -> tuple[keras.Model, keras.Mod
     if cut == model.layers[-1].name:
         return stem, None
     return stem, keras.Model(cut_output, model.output, name="top")
+
+
+def resolve_fine_tune_cut(spec: BackboneSpec, model: keras.Model, cut: str, blocks: int,
+                          fine_tune_cut: str | None = None) -> str | None:
+    """Where the frozen part ends in stage 2: `fine_tune_cut`, or `blocks` block ends below
+    `cut`. None means nothing stays frozen."""
+    order = {layer.name: i for i, layer in enumerate(model.layers)}
+    if fine_tune_cut is not None:
+        resolve_cut(spec, model, fine_tune_cut, None)  # validates the name
+        if order[fine_tune_cut] >= order[cut]:
+            raise UserInputError(f"fine_tune_cut must be below the stage-1 cut '{cut}'. "
+                                 f"Received: fine_tune_cut={fine_tune_cut!r}")
+        return fine_tune_cut
+    earlier = [name for name in block_ends(spec, model) if order[name] < order[cut]]
+    if blocks > len(earlier) + 1:
+        raise UserInputError(
+            f"{spec.name} has {len(earlier) + 1} blocks below '{cut}'. Received: "
+            f"fine_tune_blocks={blocks}")
+    return None if blocks == len(earlier) + 1 else earlier[-blocks]

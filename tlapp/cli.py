@@ -14,7 +14,9 @@ TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
     "backbone": (str, "backbone name (see 'tlapp backbones'); default resnet50"),
     "weights": (str, "imagenet (default), none (random init) or PATH to a weights file"),
     "cut": (str, "layer where the frozen stem ends (see 'tlapp backbones NAME')"),
-    "trainable_blocks": (int, "leave the top N blocks trainable; 0 (default) trains only the head"),
+    "trainable_blocks": (lambda v: v if v == "all" else int(v),
+                         "leave the top N blocks trainable; 0 (default) trains only the head; "
+                         "'all' trains every layer on images (from scratch with --weights none)"),
     "image_size": (int, "square input size in pixels; default: the backbone's own"),
     "epochs": (int, "training epochs (default 10)"),
     "batch_size": (int, "batch size (default 32)"),
@@ -25,6 +27,21 @@ TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
     "cache_dir": (str, "feature cache folder (default $TLAPP_CACHE_DIR, else ~/.cache/tlapp)"),
     "out": (str, "run folder to write (default models/BACKBONE-TIME)"),
     "seed": (int, "random seed (default 0)"),
+    "cache": (str, "on (default): stage 1 trains on cached activations; off: the frozen stem "
+                   "runs on every image every step"),
+    "optimizer": (str, "adam (default), sgd (momentum 0.9, Nesterov) or adamw"),
+    "lr_schedule": (str, "constant (default), cosine or plateau (reduce on plateau)"),
+    "label_smoothing": (float, "label smoothing in [0, 1) (default 0)"),
+    "early_stopping": (int, "stop after N epochs without a lower val loss and keep the best "
+                            "weights (default 0: off)"),
+    "fine_tune_epochs": (int, "stage 2: fine-tune deeper on images for N epochs (default 0)"),
+    "fine_tune_blocks": (int, "stage 2 unfreezes N more blocks (default 1)"),
+    "fine_tune_cut": (str, "or: stage 2 unfreezes everything above this layer"),
+    "fine_tune_lr": (float, "stage 2 learning rate (default lr / 10)"),
+    "bn_trainable": (bool, "let BatchNormalization layers train (default: frozen, inference "
+                           "mode)"),
+    "mixed_precision": (bool, "mixed_float16 compute (GPU speed-up; works but slow on CPU)"),
+    "jit": (bool, "compile training steps with XLA"),
 }
 
 
@@ -44,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "or tfds:NAME")
     train.add_argument("--config", metavar="FILE.toml", help="TOML file of settings")
     for name, (kind, text) in TRAIN_FLAGS.items():
-        train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text,
-                           metavar=name.split("_")[-1].upper())
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            train.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+        else:
+            train.add_argument(flag, dest=name, type=kind, help=text,
+                               metavar=name.split("_")[-1].upper())
+    train.add_argument("--resume", metavar="RUN", help="continue the interrupted run whose "
+                       "--out was RUN from its last checkpoint (other flags are ignored)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a run on its test split or a folder")
     evaluate.add_argument("run", metavar="RUN", help="run folder")
@@ -77,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from tlapp import config as config_lib, pipeline
 
+    if args.resume:
+        pipeline.run(pipeline.resume_config(args.resume), resume=True)
+        return 0
     values = config_lib.load_toml(args.config) if args.config else {}
     if args.data is not None:
         values["data"] = args.data

@@ -27,12 +27,24 @@ class Config:
     backbone: str = "resnet50"
     weights: str = "imagenet"  # imagenet | none | PATH to a weights file
     cut: str | None = None  # layer name; the stem ends here
-    trainable_blocks: int | None = None  # top blocks left trainable; 0 = head only
+    trainable_blocks: int | str | None = None  # top blocks left trainable; 0 = head; "all"
     image_size: int | None = None
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
     dropout: float = 0.2
+    cache: str = "on"  # on: train stage 1 on cached activations; off: run the stem every step
+    optimizer: str = "adam"  # adam | sgd (momentum 0.9, Nesterov) | adamw
+    lr_schedule: str = "constant"  # constant | cosine | plateau
+    label_smoothing: float = 0.0
+    early_stopping: int = 0  # patience in epochs on validation loss; 0 = off
+    fine_tune_epochs: int = 0  # stage 2: epochs of live fine-tuning; 0 = no stage 2
+    fine_tune_blocks: int = 1  # stage 2 unfreezes this many more blocks
+    fine_tune_cut: str | None = None  # or: stage 2 unfreezes everything above this layer
+    fine_tune_lr: float | None = None  # default: lr / 10
+    bn_trainable: bool = False  # BatchNormalization layers train (batch statistics)
+    mixed_precision: bool = False
+    jit: bool = False
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     cache_dir: str | None = None
@@ -47,7 +59,9 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_TYPES = {"str": str, "int": int, "float": float}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+CHOICES = {"cache": ("on", "off"), "optimizer": ("adam", "sgd", "adamw"),
+           "lr_schedule": ("constant", "cosine", "plateau")}
 
 
 def _field_type(name: str) -> type:
@@ -66,7 +80,10 @@ def from_dict(values: dict[str, Any], source: str = "config") -> Config:
         want = _field_type(name)
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if value is not None and (not isinstance(value, want) or isinstance(value, bool)):
+        if name == "trainable_blocks" and value == "all":
+            want = str
+        if value is not None and (not isinstance(value, want)
+                                  or (isinstance(value, bool) and want is not bool)):
             raise UserInputError(
                 f"{source}: '{key}' must be {want.__name__}. Received: {key}={value!r}"
             )
@@ -107,9 +124,21 @@ def validate(config: Config) -> Config:
     check(config.val_fraction + config.test_fraction < 1, "test_fraction",
           "such that val_fraction + test_fraction < 1")
     check(config.image_size is None or config.image_size >= 1, "image_size", "positive")
-    check(config.trainable_blocks is None or config.trainable_blocks >= 0,
-          "trainable_blocks", "0 or more")
-    if config.cut is not None and config.trainable_blocks:
+    check(config.trainable_blocks in (None, "all") or (
+        isinstance(config.trainable_blocks, int) and config.trainable_blocks >= 0),
+        "trainable_blocks", "0 or more, or 'all'")
+    for key, choices in CHOICES.items():
+        check(getattr(config, key) in choices, key, "one of " + ", ".join(choices))
+    check(0 <= config.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+    check(config.early_stopping >= 0, "early_stopping", "0 (off) or more")
+    check(config.fine_tune_epochs >= 0, "fine_tune_epochs", "0 or more")
+    check(config.fine_tune_blocks >= 1, "fine_tune_blocks", "at least 1")
+    check(config.fine_tune_lr is None or config.fine_tune_lr > 0, "fine_tune_lr", "positive")
+    if config.trainable_blocks == "all" and config.fine_tune_epochs:
+        raise UserInputError("trainable_blocks='all' already trains every layer; fine-tuning "
+                             f"has nothing to unfreeze. Received: fine_tune_epochs="
+                             f"{config.fine_tune_epochs}")
+    if config.cut is not None and config.trainable_blocks not in (None, 0):
         raise UserInputError(
             "Give either cut or trainable_blocks, not both. "
             f"Received: cut={config.cut!r}, trainable_blocks={config.trainable_blocks}"

@@ -1,4 +1,4 @@
-"""The new classifier head, and the three models built around one backbone.
+"""The new classifier head, the models built around one backbone, and what trains.
 
 - stem model: pixels -> cached activations (preprocessing, frozen layers up to the cut,
   global average pooling when nothing above the cut is trained);
@@ -18,30 +18,45 @@ from tlapp import backbones
 
 @dataclasses.dataclass
 class Models:
-    stem: keras.Model
-    train: keras.Model
+    stem: keras.Model | None  # None when training from scratch
+    train: keras.Model  # cached activations -> probabilities (the full model from scratch)
     full: keras.Model
-    pooled_features: keras.Model  # cached activations -> pooled vector before the head
+    pooled_features: keras.Model  # train model's input -> pooled vector before the head
+    pooled_pixels: keras.Model  # pixels -> pooled vector before the head
     normalization: keras.layers.Normalization
     pooled: bool  # True when the cache holds one pooled vector per image
 
 
-def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str,
-                 num_classes: int, dropout: float, image_size: int) -> Models:
+def set_trainable(base: keras.Model, cut: str | None, bn_trainable: bool) -> None:
+    """Freezes `base` up to and including `cut` (nothing when cut is None) and unfreezes
+    the rest. BatchNormalization layers above the cut train only if `bn_trainable`; a
+    frozen BatchNormalization layer runs in inference mode (Keras 3 semantics), so its
+    moving statistics stay as they are.
+    """
+    frozen = cut is not None
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = not frozen and bn_trainable
+        else:
+            layer.trainable = not frozen
+        if layer.name == cut:
+            frozen = False
+
+
+def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str | None,
+                 num_classes: int, dropout: float, image_size: int,
+                 bn_trainable: bool = False) -> Models:
     """Freezes `base` up to `cut` and wires the stem, training and full models.
+
+    With cut=None (training from scratch) nothing is frozen, there is no stem, and the
+    training model is the full model.
 
     The head is: global average pooling, standardisation of each pooled feature (a
     Normalization layer; call `adapt_head` before training), dropout, dense softmax.
     Standardising matters: pooled activations share a large common offset (at random
     initialisation especially) that otherwise swamps a linear head's gradients.
     """
-    stem, top = backbones.split_backbone(base, cut)
-    frozen = True
-    for layer in base.layers:
-        layer.trainable = not frozen
-        if layer.name == cut:
-            frozen = False
-
+    set_trainable(base, cut, bn_trainable)
     pixels = keras.Input((image_size, image_size, 3), name="pixels")
     preprocess = backbones.Preprocess(spec.preprocess, name="preprocess")
     head_norm = keras.layers.Normalization(name="head_standardize")
@@ -49,6 +64,15 @@ def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str,
     head_dense = keras.layers.Dense(num_classes, activation="softmax", name="probabilities",
                                     dtype="float32")
 
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base(preprocess(pixels)))
+    full_model = keras.Model(pixels, head_dense(head_dropout(head_norm(x))),
+                             name=f"tlapp_{spec.name}")
+    pooled_pixels = keras.Model(pixels, x, name="pooled_pixels")
+    if cut is None:
+        return Models(None, full_model, full_model, pooled_pixels, pooled_pixels, head_norm,
+                      pooled=False)
+
+    stem, top = backbones.split_backbone(base, cut)
     features = stem(preprocess(pixels))
     if top is None:
         features = keras.layers.GlobalAveragePooling2D(name="stem_pool")(features)
@@ -57,31 +81,27 @@ def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str,
     cached = keras.Input(tuple(features.shape[1:]), name="features")
     x = cached
     if top is not None:
-        # BatchNormalization stays in inference mode, as in the Keras transfer-learning guide.
-        x = keras.layers.GlobalAveragePooling2D(name="top_pool")(top(x, training=False))
+        x = keras.layers.GlobalAveragePooling2D(name="top_pool")(top(x))
     pooled_model = keras.Model(cached, x, name="pooled_features")
     train_model = keras.Model(cached, head_dense(head_dropout(head_norm(x))), name="train_model")
-
-    x = base(preprocess(pixels), training=False)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    full_model = keras.Model(pixels, head_dense(head_dropout(head_norm(x))),
-                             name=f"tlapp_{spec.name}")
-    return Models(stem_model, train_model, full_model, pooled_model, head_norm,
+    return Models(stem_model, train_model, full_model, pooled_model, pooled_pixels, head_norm,
                   pooled=top is None)
 
 
-def adapt_head(models: Models, train_features: np.ndarray, batch_size: int = 64) -> None:
-    """Sets the head's standardisation from the pooled training features.
+def adapt_head(models: Models, pooled: np.ndarray | None) -> None:
+    """Sets the head's standardisation from pooled training features (identity if None,
+    as when training from scratch, where the features are still to be learned).
 
     Each feature's variance is floored at 1% of the mean variance: a feature that is
     nearly constant on the training images must not turn into a huge input on new ones.
     """
-    pooled = train_features if models.pooled else models.pooled_features.predict(
-        train_features, batch_size=batch_size, verbose=0)
+    layer = models.normalization
+    width = int(models.pooled_features.output.shape[-1])
+    if pooled is None:
+        pooled = np.stack([np.full(width, -1.0), np.full(width, 1.0)])
     pooled = np.asarray(pooled, dtype=np.float64)
     variance = pooled.var(axis=0)
     floor = 0.01 * variance.mean() if variance.mean() > 0 else 1.0
-    layer = models.normalization
     layer.adapt(pooled[:2].astype(np.float32))  # builds the layer's state variables
     layer.adapt_mean.assign(pooled.mean(axis=0).astype(np.float32))
     layer.adapt_variance.assign(np.maximum(variance, floor).astype(np.float32))

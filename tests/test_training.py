@@ -1,0 +1,160 @@
+import csv
+
+import numpy as np
+import pytest
+
+import tlapp
+from tests.conftest import make_folder
+from tlapp import cli, data as data_lib, pipeline, training
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after the raise runs."""
+
+
+def pixels_of(run_or_folder, size=32, n=6):
+    files = sorted((run_or_folder / "cat").iterdir())[:n // 2] + \
+        sorted((run_or_folder / "fox").iterdir())[:n - n // 2]
+    return np.stack([data_lib.decode_image(f.read_bytes(), size) for f in files])
+
+
+def small(tmp_path, name="run", **options):
+    data = tmp_path / "data"
+    if not data.exists():
+        make_folder(data, per_class=6)
+    settings = dict(backbone="vgg16", weights="none", image_size=32, epochs=3, batch_size=4,
+                    cache_dir=str(tmp_path / "cache"), out=str(tmp_path / name), verbose=False)
+    return tlapp.train(str(data), **(settings | options))
+
+
+def history(run):
+    with open(run.path / "history.csv") as f:
+        return [(row["stage"], int(row["epoch"])) for row in csv.DictReader(f)]
+
+
+def test_same_seed_same_metrics_and_weights(tmp_path):
+    a = small(tmp_path, "a", fine_tune_epochs=1)
+    b = small(tmp_path, "b", fine_tune_epochs=1)
+    assert a.metrics["val"] == b.metrics["val"] and a.metrics["test"] == b.metrics["test"]
+    x = pixels_of(tmp_path / "data")
+    np.testing.assert_array_equal(a.model.predict(x, verbose=0), b.model.predict(x, verbose=0))
+    c = small(tmp_path, "c", fine_tune_epochs=1, seed=1)
+    assert not np.array_equal(a.model.predict(x, verbose=0), c.model.predict(x, verbose=0))
+
+
+def test_stage_two_starts_exactly_from_stage_one(tmp_path, monkeypatch):
+    x = pixels_of(make_folder(tmp_path / "data", per_class=6))
+    seen = {}
+    real_fit_stage = training.fit_stage
+
+    def recording_fit_stage(stage, model, *args, **kwargs):
+        rows = real_fit_stage(stage, model, *args, **kwargs)
+        if stage == "head":
+            seen["stage 1 end"] = np.asarray(kwargs["checkpoint"].full_model(x))
+        return rows
+
+    real_begin = training.Reseed.on_epoch_begin
+
+    def recording_begin(self, epoch, logs=None):
+        if self.model.name.startswith("tlapp_") and "stage 2 start" not in seen:
+            seen["stage 2 start"] = np.asarray(self.model(x))
+        real_begin(self, epoch, logs)
+
+    monkeypatch.setattr(training, "fit_stage", recording_fit_stage)
+    monkeypatch.setattr(training.Reseed, "on_epoch_begin", recording_begin)
+    run = small(tmp_path, fine_tune_epochs=2)
+    np.testing.assert_allclose(seen["stage 2 start"], seen["stage 1 end"], atol=1e-6)
+    assert not np.allclose(np.asarray(run.model(x)), seen["stage 1 end"], atol=1e-6)
+    assert history(run) == [("head", 1), ("head", 2), ("head", 3),
+                            ("fine_tune", 1), ("fine_tune", 2)]
+
+
+@pytest.mark.parametrize("bn_trainable", [False, True])
+def test_fine_tuning_unfreezes_one_block_and_keeps_batchnorm_statistics(tmp_path, bn_trainable):
+    run = small(tmp_path, backbone="resnet50", epochs=1, fine_tune_epochs=1,
+                bn_trainable=bn_trainable)
+    base = run.model.get_layer("resnet50")
+    fresh = tlapp.backbones.build_backbone(tlapp.backbones.get_spec("resnet50"), "none", 32)
+    bn, fresh_bn = base.get_layer("conv5_block3_3_bn"), fresh.get_layer("conv5_block3_3_bn")
+    changed = not np.allclose(np.asarray(bn.moving_mean), np.asarray(fresh_bn.moving_mean))
+    assert changed == bn_trainable
+    for name, trains in (("conv5_block3_3_conv", True), ("conv5_block2_3_conv", False)):
+        same = np.array_equal(np.asarray(base.get_layer(name).kernel),
+                              np.asarray(fresh.get_layer(name).kernel))
+        assert same != trains, name
+
+
+def test_from_scratch_trains_every_layer(tmp_path):
+    run = small(tmp_path, trainable_blocks="all", epochs=1)
+    fresh = tlapp.backbones.build_backbone(tlapp.backbones.get_spec("vgg16"), "none", 32)
+    first = run.model.get_layer("vgg16").get_layer("block1_conv1")
+    assert not np.array_equal(np.asarray(first.kernel),
+                              np.asarray(fresh.get_layer("block1_conv1").kernel))
+    assert run.metrics["cache"]["mode"] == "off" and history(run) == [("scratch", 1)]
+    assert 'trainable_blocks = "all"' in (run.path / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("kill_at", [("head", 2), ("fine_tune", 1)])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys,
+                                                         kill_at):
+    options = dict(epochs=3, fine_tune_epochs=2, lr_schedule="cosine", optimizer="sgd")
+    whole = small(tmp_path, "whole", **options)
+    real_save = training.Checkpoint.save
+
+    def save_then_die(self, state):
+        real_save(self, state)
+        if (state["stage"], state["epoch"]) == kill_at and kill_at[0] not in state["finished"]:
+            raise Killed()
+
+    monkeypatch.setattr(training.Checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        small(tmp_path, "broken", **options)
+    assert not (tmp_path / "broken").exists()  # never presented as finished
+    assert (tmp_path / ".broken.partial" / "checkpoints" / "state.json").is_file()
+    monkeypatch.setattr(training.Checkpoint, "save", real_save)
+
+    assert cli.main(["train", "--resume", str(tmp_path / "broken")]) == 0
+    assert f"resuming after epoch {kill_at[1]}" in capsys.readouterr().out
+    resumed = tlapp.load_run(tmp_path / "broken")
+    assert history(resumed) == history(whole)
+    x = pixels_of(tmp_path / "data")
+    np.testing.assert_allclose(resumed.model.predict(x, verbose=0),
+                               whole.model.predict(x, verbose=0), atol=1e-6)
+    assert resumed.metrics["test"] == whole.metrics["test"]
+    assert not (tmp_path / "broken" / "checkpoints").exists()
+
+
+def test_nothing_to_resume_is_a_user_error(tmp_path, capsys):
+    assert cli.main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "Nothing to resume" in capsys.readouterr().err
+
+
+def test_training_controls_run(tmp_path):
+    run = small(tmp_path, optimizer="adamw", lr_schedule="plateau", label_smoothing=0.1,
+                early_stopping=1, epochs=4, cache="off", mixed_precision=True, jit=True)
+    rows = history(run)
+    assert 2 <= len(rows) <= 4 and all(stage == "head" for stage, _ in rows)
+    assert run.metrics["cache"]["mode"] == "off"
+    import keras
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--optimizer", "rmsprop", "optimizer='rmsprop'"),
+    ("--lr-schedule", "linear", "lr_schedule='linear'"),
+    ("--label-smoothing", "1.5", "label_smoothing=1.5"),
+    ("--early-stopping", "-1", "early_stopping=-1"),
+    ("--fine-tune-epochs", "-2", "fine_tune_epochs=-2"),
+    ("--fine-tune-blocks", "0", "fine_tune_blocks=0"),
+    ("--fine-tune-lr", "0", "fine_tune_lr=0.0"),
+    ("--cache", "maybe", "cache='maybe'"),
+    ("--fine-tune-blocks", "9", "Received: fine_tune_blocks=9"),
+    ("--fine-tune-cut", "block5_pool", "must be below the stage-1 cut"),
+])
+def test_bad_training_flags_exit_2(tmp_path, capsys, flag, value, message):
+    data = make_folder(tmp_path / "data", per_class=3)
+    args = ["train", str(data), "--backbone", "vgg16", "--weights", "none", "--image-size", "32",
+            "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "run"),
+            "--fine-tune-epochs", "1", flag, value]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
