@@ -42,6 +42,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
                            "mode)"),
     "mixed_precision": (bool, "mixed_float16 compute (GPU speed-up; works but slow on CPU)"),
     "jit": (bool, "compile training steps with XLA"),
+    "augment": (str, "augmentation spec, e.g. flip,crop=0.875,rotate=15,color=20 (ops and "
+                     "ranges: README 'Augmentation'); applied to live training and to cached views (--aug-views)"),
 }
 
 
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
             train.add_argument(flag, dest=name, action="store_true", default=None, help=text)
         else:
             train.add_argument(flag, dest=name, type=kind, help=text,
-                               metavar=name.split("_")[-1].upper())
+                               metavar={"augment": "SPEC"}.get(name, name.split("_")[-1].upper()))
     train.add_argument("--resume", metavar="RUN", help="continue the interrupted run whose "
                        "--out was RUN from its last checkpoint (other flags are ignored)")
 
@@ -89,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("backbones", help="list backbones, or one backbone's cut points")
     listing.add_argument("name", nargs="?", metavar="NAME")
     listing.add_argument("--image-size", type=int, help="size for shapes and cache bytes")
+
+    preview = commands.add_parser(
+        "augment-preview", help="write a grid of augmented variants of a few images",
+        description="Scan DATA, take N training images (alternating classes) and write a PNG "
+                    "grid: one row per image, the original then M augmented variants.")
+    preview.add_argument("data", metavar="DATA", help="image folder (one subfolder per class)")
+    preview.add_argument("--augment", required=True, metavar="SPEC",
+                         help="augmentation spec, e.g. flip,rotate=15,color=20")
+    preview.add_argument("--out", default="augment_preview.png", metavar="PNG",
+                         help="PNG to write (default augment_preview.png)")
+    preview.add_argument("--images", type=int, default=4, metavar="N", help="rows (default 4)")
+    preview.add_argument("--variants", type=int, default=6, metavar="M",
+                         help="augmented variants per image (default 6)")
+    preview.add_argument("--image-size", type=int, default=128, metavar="N",
+                         help="square size of each cell in pixels (default 128)")
+    preview.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     demo = commands.add_parser("demo", help="run the whole pipeline on a built-in dataset")
     demo.add_argument("--out", default="models/demo", help="folder for data and run "
@@ -157,6 +175,14 @@ def cmd_backbones(args) -> int:
     return 0
 
 
+def cmd_augment_preview(args) -> int:
+    from tlapp import augment
+
+    augment.preview(args.data, args.augment, args.out, images=args.images,
+                    variants=args.variants, image_size=args.image_size, seed=args.seed)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from tlapp import demo
 
@@ -169,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from tlapp.config import UserInputError
 
     try:
-        return globals()[f"cmd_{args.command}"](args)
+        return globals()[f"cmd_{args.command.replace('-', '_')}"](args)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

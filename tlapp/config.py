@@ -50,6 +50,7 @@ class Config:
     cache_dir: str | None = None
     out: str | None = None
     seed: int = 0
+    augment: str | None = None  # e.g. "flip,crop=0.875,rotate=15"; see augment_spec.OPS
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))
@@ -102,9 +103,29 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise UserInputError(f"{path} is not valid TOML: {e}") from None
     for key, value in values.items():
-        if isinstance(value, dict):
-            raise UserInputError(f"{path}: tables are not supported yet. Received: [{key}]")
+        if key == "augment" and isinstance(value, dict):
+            values[key] = augment_table_to_spec(value, path)
+        elif isinstance(value, dict):
+            raise UserInputError(f"{path}: tables are not supported yet, except [augment]. "
+                                 f"Received: [{key}]")
     return values
+
+
+def augment_table_to_spec(table: dict[str, Any], source: str | os.PathLike = "config") -> str:
+    """An `[augment]` TOML table as a spec string: `op = true` turns an op on with its
+    default, `op = 15` or `op = [0.08, 1.0]` gives its values, `op = false` leaves it off."""
+    items = []
+    for op, value in table.items():
+        numbers = value if isinstance(value, list) else [value]
+        if value is True:
+            items.append(op)
+        elif value is not False and numbers and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            items.append(f"{op}=" + ":".join(str(v) for v in numbers))
+        elif value is not False:
+            raise UserInputError(f"{source}: [augment] {op} must be true, false, a number or a "
+                                 f"list of numbers. Received: {op}={value!r}")
+    return ",".join(items)
 
 
 def validate(config: Config) -> Config:
@@ -143,6 +164,10 @@ def validate(config: Config) -> Config:
             "Give either cut or trainable_blocks, not both. "
             f"Received: cut={config.cut!r}, trainable_blocks={config.trainable_blocks}"
         )
+    if config.augment is not None:  # stored in canonical form, every value explicit
+        from tlapp.augment_spec import parse_spec  # imported here: it imports this module
+
+        config = dataclasses.replace(config, augment=str(parse_spec(config.augment)) or None)
     return config
 
 

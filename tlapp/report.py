@@ -1,6 +1,8 @@
 """Text reports: the backbone table and a backbone's cut points."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 
@@ -85,3 +87,23 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def write_image_grid(rows: list[list[np.ndarray]], path, gap: int = 2) -> None:
+    """Equal-size RGB images (0-255) as one PNG grid, `gap` white pixels between cells,
+    written atomically."""
+    from PIL import Image
+
+    from tlapp.cache import write_atomic
+
+    height, width = rows[0][0].shape[:2]
+    columns = max(map(len, rows))
+    grid = np.full((len(rows) * (height + gap) - gap, columns * (width + gap) - gap, 3), 255,
+                   np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            top, left = i * (height + gap), j * (width + gap)
+            grid[top:top + height, left:left + width] = np.clip(np.rint(image), 0, 255)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda temp: Image.fromarray(grid).save(temp, format="PNG"))
