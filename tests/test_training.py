@@ -158,3 +158,27 @@ def test_bad_training_flags_exit_2(tmp_path, capsys, flag, value, message):
             "--fine-tune-epochs", "1", flag, value]
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cached_augmented_views_end_to_end(tmp_path):
+    run = small(tmp_path, "views", augment="flip,color=20,pca=0.1", aug_views=3, epochs=2)
+    assert run.metrics["cache"]["extracted"] == 18 * 3
+    assert list((tmp_path / "cache" / "pca").glob("*.json"))
+    again = small(tmp_path, "views2", augment="flip,color=20,pca=0.1", aug_views=3, epochs=2)
+    assert again.metrics["cache"]["extracted"] == 0
+    assert again.metrics["test"] == run.metrics["test"]
+
+
+def test_live_augmentation_is_applied_and_reproducible(tmp_path):
+    x = pixels_of(make_folder(tmp_path / "data", per_class=6))
+    plain = small(tmp_path, "plain", cache="off", epochs=2)
+    augmented = small(tmp_path, "aug", cache="off", epochs=2, augment="flip,rotate=20")
+    again = small(tmp_path, "aug2", cache="off", epochs=2, augment="flip,rotate=20")
+    assert not np.allclose(plain.model.predict(x, verbose=0), augmented.model.predict(x, verbose=0))
+    np.testing.assert_array_equal(augmented.model.predict(x, verbose=0),
+                                  again.model.predict(x, verbose=0))
+
+
+def test_aug_views_without_a_spec_is_rejected(tmp_path, capsys):
+    assert cli.main(["train", str(tmp_path), "--aug-views", "3"]) == 2
+    assert "aug_views" in capsys.readouterr().err

@@ -29,6 +29,11 @@ TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
     "seed": (int, "random seed (default 0)"),
     "cache": (str, "on (default): stage 1 trains on cached activations; off: the frozen stem "
                    "runs on every image every step"),
+    "aug_views": (int, "cache K views per image: view 0 plain, views 1..K-1 augmented with "
+                       "--augment; training reads a different view each epoch (default 1)"),
+    "cache_dtype": (str, "auto (default: float16 for spatial activations, float32 for pooled), "
+                         "float16 or float32"),
+    "cache_shard_mb": (int, "size bound of one cache shard in MiB (default 64)"),
     "optimizer": (str, "adam (default), sgd (momentum 0.9, Nesterov) or adamw"),
     "lr_schedule": (str, "constant (default), cosine or plateau (reduce on plateau)"),
     "label_smoothing": (float, "label smoothing in [0, 1) (default 0)"),
@@ -108,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="square size of each cell in pixels (default 128)")
     preview.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
+    cache = commands.add_parser(
+        "cache", help="list, verify or clear the feature cache",
+        description="list: entries with backbone, weights, cut, size, rows, bytes, last use. "
+                    "verify: full checksums of every shard (exit 2 if any is damaged; the next "
+                    "run re-extracts damaged rows). clear: delete entries.")
+    cache.add_argument("action", choices=["list", "verify", "clear"])
+    cache.add_argument("entries", nargs="*", metavar="ENTRY", help="entry names (default: all "
+                       "for list/verify; clear needs ENTRY, --older-than or --all)")
+    cache.add_argument("--cache-dir", help="cache folder (default $TLAPP_CACHE_DIR, else "
+                                           "~/.cache/tlapp)")
+    cache.add_argument("--older-than", type=float, metavar="DAYS", help="clear: entries unused "
+                                                                        "for more than DAYS")
+    cache.add_argument("--all", action="store_true", help="clear: every entry")
+
     demo = commands.add_parser("demo", help="run the whole pipeline on a built-in dataset")
     demo.add_argument("--out", default="models/demo", help="folder for data and run "
                                                            "(default models/demo)")
@@ -180,6 +199,52 @@ def cmd_augment_preview(args) -> int:
 
     augment.preview(args.data, args.augment, args.out, images=args.images,
                     variants=args.variants, image_size=args.image_size, seed=args.seed)
+    return 0
+
+
+def cmd_cache(args) -> int:
+    import time
+    from pathlib import Path
+
+    from tlapp import cache, config as config_lib
+
+    folder = Path(args.cache_dir).expanduser() if args.cache_dir else \
+        config_lib.default_cache_dir()
+    entries = cache.list_entries(folder)
+    known = {e["entry"] for e in entries}
+    unknown = [name for name in args.entries if name not in known]
+    if unknown:
+        raise config_lib.UserInputError(f"No cache entry named {', '.join(unknown)} in {folder}; "
+                                        f"'tlapp cache list' shows the entries.")
+    chosen = [e for e in entries if not args.entries or e["entry"] in args.entries]
+    if args.action == "list":
+        print(f"{folder}: {len(entries)} entries, "
+              f"{sum(e['bytes'] for e in entries) / 2**20:,.1f} MiB")
+        for e in chosen:
+            key = e["key"]
+            print(f"  {e['entry']}\n    backbone {key['backbone']}, weights "
+                  f"{key['weights'][:12]}, cut {key['cut']}, {key['image_size']} px, "
+                  f"{key.get('views', 1)} view(s), {key.get('dtype', 'float32')}; {e['rows']:,} "
+                  f"rows, {e['bytes'] / 2**20:,.1f} MiB, last used "
+                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e['last_used']))}")
+        return 0
+    if args.action == "verify":
+        damaged = 0
+        for e in chosen:
+            problems = cache.verify_entry(folder / e["entry"])
+            damaged += len(problems)
+            print(f"{e['entry']}: " + ("ok" if not problems else
+                                       "; ".join(f"{f}: {p}" for f, p in problems)))
+        if damaged:
+            print(f"error: {damaged} damaged shard(s); the next run that uses the entry "
+                  f"extracts their rows again", file=sys.stderr)
+            return 2
+        return 0
+    if not (args.entries or args.older_than is not None or args.all):
+        raise config_lib.UserInputError("Say what to clear: ENTRY names, --older-than DAYS, "
+                                        "or --all.")
+    removed = cache.clear_entries(folder, args.entries or None, args.older_than)
+    print(f"removed {len(removed)} entries from {folder}")
     return 0
 
 

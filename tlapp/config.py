@@ -34,6 +34,9 @@ class Config:
     lr: float = 1e-3
     dropout: float = 0.2
     cache: str = "on"  # on: train stage 1 on cached activations; off: run the stem every step
+    aug_views: int = 1  # cached views per image: view 0 plain, views 1.. augmented
+    cache_dtype: str = "auto"  # auto: float16 for spatial activations, float32 for pooled
+    cache_shard_mb: int = 64  # size bound of one cache shard
     optimizer: str = "adam"  # adam | sgd (momentum 0.9, Nesterov) | adamw
     lr_schedule: str = "constant"  # constant | cosine | plateau
     label_smoothing: float = 0.0
@@ -61,7 +64,7 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-CHOICES = {"cache": ("on", "off"), "optimizer": ("adam", "sgd", "adamw"),
+CHOICES = {"cache": ("on", "off"), "cache_dtype": ("auto", "float16", "float32"), "optimizer": ("adam", "sgd", "adamw"),
            "lr_schedule": ("constant", "cosine", "plateau")}
 
 
@@ -151,6 +154,10 @@ def validate(config: Config) -> Config:
     for key, choices in CHOICES.items():
         check(getattr(config, key) in choices, key, "one of " + ", ".join(choices))
     check(0 <= config.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+    check(config.aug_views >= 1, "aug_views", "at least 1")
+    check(config.aug_views == 1 or config.augment is not None, "aug_views",
+          "1 unless an augmentation spec is given (--augment)")
+    check(config.cache_shard_mb >= 1, "cache_shard_mb", "at least 1")
     check(config.early_stopping >= 0, "early_stopping", "0 (off) or more")
     check(config.fine_tune_epochs >= 0, "fine_tune_epochs", "0 or more")
     check(config.fine_tune_blocks >= 1, "fine_tune_blocks", "at least 1")

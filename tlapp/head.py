@@ -88,21 +88,23 @@ def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str | Non
                   pooled=top is None)
 
 
-def adapt_head(models: Models, pooled: np.ndarray | None) -> None:
-    """Sets the head's standardisation from pooled training features (identity if None,
-    as when training from scratch, where the features are still to be learned).
+def adapt_head(models: Models, pooled_batches) -> None:
+    """Sets the head's standardisation from pooled training features, streamed as batches
+    (identity if None, as when training from scratch: the features are still to be learned).
 
     Each feature's variance is floored at 1% of the mean variance: a feature that is
     nearly constant on the training images must not turn into a huge input on new ones.
     """
     layer = models.normalization
     width = int(models.pooled_features.output.shape[-1])
-    if pooled is None:
-        pooled = np.stack([np.full(width, -1.0), np.full(width, 1.0)])
-    pooled = np.asarray(pooled, dtype=np.float64)
-    variance = pooled.var(axis=0)
+    count, total, squares = 0, np.zeros(width), np.zeros(width)
+    for batch in pooled_batches if pooled_batches is not None else []:
+        batch = np.asarray(batch, np.float64).reshape(-1, width)
+        count, total, squares = count + len(batch), total + batch.sum(0), squares + (batch ** 2).sum(0)
+    mean = total / count if count else np.zeros(width)
+    variance = squares / count - mean ** 2 if count else np.ones(width)
     floor = 0.01 * variance.mean() if variance.mean() > 0 else 1.0
-    layer.adapt(pooled[:2].astype(np.float32))  # builds the layer's state variables
-    layer.adapt_mean.assign(pooled.mean(axis=0).astype(np.float32))
+    layer.adapt(np.zeros((2, width), np.float32))  # builds the layer's state variables
+    layer.adapt_mean.assign(mean.astype(np.float32))
     layer.adapt_variance.assign(np.maximum(variance, floor).astype(np.float32))
     layer.finalize_state()

@@ -5,6 +5,7 @@ The CLI and the Python API (`tlapp.train`) only build a Config and call `run`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -208,8 +209,12 @@ def _train(config: Config, spec: backbones.BackboneSpec, scanned: data_lib.Scann
     if not len(labels["train"]):
         raise UserInputError(f"No training images in {scanned.root} after the split.")
 
+    pca = _colour_pca(config, paths["train"], split["train"], image_size, cache_dir)
+
     def images(name):
-        return training.image_source(paths[name], labels[name], image_size, classes)
+        return training.image_source(paths[name], labels[name], image_size, classes,
+                                     config.augment if name == "train" else None,
+                                     config.seed, pca)
 
     def val_batches(source, parallel):
         return training.evaluation_batches(source("val"), len(labels["val"]),
@@ -226,32 +231,38 @@ def _train(config: Config, spec: backbones.BackboneSpec, scanned: data_lib.Scann
     tick = time.perf_counter()
     if scratch or config.cache == "off":
         cache_stats = {"extracted": 0, "reused": 0, "mode": "off"}
-        head.adapt_head(models, None if scratch else models.pooled_pixels.predict(
-            data_lib.image_dataset(paths["train"], image_size, config.batch_size), verbose=0))
+        head.adapt_head(models, None if scratch else (
+            models.pooled_pixels.predict_on_batch(x) for x in
+            data_lib.image_dataset(paths["train"], image_size, config.batch_size)))
         training.fit_stage("scratch" if scratch else "head", models.full, settings,
                            len(labels["train"]), images("train"), val_batches(images, True),
                            parallel=True, **fit)
         features = None
     else:
+        views = config.aug_views
         key = cache_lib.entry_key(
             backbone=spec.name, weights=cache_lib.weights_identity(models.stem), cut=cut,
             pooled=models.pooled, image_size=image_size, preprocess=spec.preprocess,
-            precision=keras.mixed_precision.global_policy().name)
-        feature_cache = cache_lib.FeatureCache(cache_dir, key)
+            precision=keras.mixed_precision.global_policy().name, views=views,
+            dtype=config.cache_dtype if config.cache_dtype != "auto" else
+            "float32" if models.pooled else "float16",
+            **({"augment": config.augment, "augment_seed": config.seed} if views > 1 else {}))
+        feature_cache = cache_lib.FeatureCache(cache_dir, key, config.cache_shard_mb * 2**20,
+                                               verbose=verbose)
         cache_stats = feature_cache.extract(
             models.stem, {s.sha256: scanned.root / s.path for s in scanned.samples},
-            image_size, config.batch_size, verbose=verbose) | {"entry": feature_cache.dir.name}
+            image_size, config.batch_size, verbose=verbose, pca=pca) | {
+            "entry": feature_cache.dir.name}
         timings["extract_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        features = {name: feature_cache.read([s.sha256 for s in split[name]]) for name in split}
-        head.adapt_head(models, features["train"] if models.pooled else
-                        models.pooled_features.predict(features["train"], verbose=0))
-
-        def cached(name):
-            return training.feature_source(features[name], labels[name], classes)
-
+        loaders = {name: feature_cache.loader([s.sha256 for s in split[name]], labels[name],
+                                              classes) for name in split}
+        features = {name: training.evaluation_batches(loaders[name], len(labels[name]),
+                                                      config.batch_size) for name in split}
+        head.adapt_head(models, (x if models.pooled else models.pooled_features.predict_on_batch(x)
+                                 for x, _ in features["train"]))
         training.fit_stage("head", models.train, settings, len(labels["train"]),
-                           cached("train"), val_batches(cached, False), **fit)
+                           loaders["train"], val_batches(loaders.get, False), **fit)
     timings["train_s"] = time.perf_counter() - tick
     if config.fine_tune_epochs:
         tick = time.perf_counter()
@@ -300,6 +311,25 @@ def _train(config: Config, spec: backbones.BackboneSpec, scanned: data_lib.Scann
     timings["save_export_s"] = time.perf_counter() - tick
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return Run(out, resolved, scanned.classes, metrics, models.full)
+
+
+def _colour_pca(config: Config, paths: list[Path], samples: list, image_size: int,
+                cache_dir: Path):
+    """The training images' RGB PCA when the augmentation spec uses it, computed once per
+    set of training images and size, and kept as JSON in the cache folder."""
+    if not config.augment or "pca" not in config.augment:
+        return None
+    from tlapp import augment as augment_lib
+
+    digest = hashlib.sha256(("".join(sorted(s.sha256 for s in samples)) +
+                             str(image_size)).encode()).hexdigest()[:24]
+    path = cache_dir / "pca" / f"{digest}.json"
+    if path.is_file():
+        return augment_lib.ColorPCA.from_dict(json.loads(path.read_text()))
+    pca = augment_lib.compute_pca(data_lib.image_dataset(paths, image_size, 64))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache_lib.write_json(path, pca.to_dict())
+    return pca
 
 
 def _trainable_params(model: keras.Model) -> int:

@@ -43,37 +43,44 @@ def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch: int, epoch
                      load: Callable, parallel: bool = False) -> tf.data.Dataset:
     """Batches for epochs [first_epoch, epochs): each epoch a permutation drawn from (seed, epoch).
 
-    `load(index)` -> (x, label) for one example (parallel=True maps it on many threads,
-    for decoding); otherwise `load(indices)` is called on a whole batch of indices.
+    `load(index, epoch)` -> (x, label) for one example (parallel=True maps it on many
+    threads, for decoding and augmentation); otherwise `load(indices, epoch)` is called on
+    a whole batch of indices.
     """
     def epoch(e):
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
         dataset = tf.data.Dataset.from_tensor_slices(order)
-        if parallel:  # deterministic order keeps runs reproducible; decode stays parallel
-            return dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-        return dataset.batch(batch_size).map(load)
+        if parallel:  # deterministic order keeps runs reproducible; work stays parallel
+            return dataset.map(lambda i: load(i, e),
+                               num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+        return dataset.batch(batch_size).map(lambda i: load(i, e))
 
     return (tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch)
             .prefetch(tf.data.AUTOTUNE))
 
 
-def feature_source(features: np.ndarray, labels: np.ndarray, num_classes: int):
-    """A batch loader over in-memory cached activations."""
-    features, labels = tf.constant(features), tf.constant(labels)
-    return lambda idx: (tf.gather(features, idx),
-                        tf.one_hot(tf.gather(labels, idx), num_classes))
+def image_source(paths: list, labels: np.ndarray, image_size: int, num_classes: int,
+                 augment: str | None = None, seed: int = 0, pca=None):
+    """A per-example loader that reads and decodes image files (live training), and
+    augments them when `augment` is given, with a seed drawn from (seed, index, epoch)."""
+    from tlapp import augment as augment_lib
 
-
-def image_source(paths: list, labels: np.ndarray, image_size: int, num_classes: int):
-    """A per-example loader that reads and decodes image files (live training)."""
     paths = tf.constant([str(p) for p in paths])
     labels = tf.constant(labels)
-    return lambda i: (data_lib.decode_image(tf.io.read_file(paths[i]), image_size),
-                      tf.one_hot(labels[i], num_classes))
+
+    def load(i, epoch=None):
+        image = data_lib.decode_image(tf.io.read_file(paths[i]), image_size)
+        if augment and epoch is not None:
+            image = augment_lib.augment_image(image, augment,
+                                              augment_lib.image_seed(seed, i, epoch), pca)
+        return image, tf.one_hot(labels[i], num_classes)
+
+    return load
 
 
 def evaluation_batches(load: Callable, n: int, batch_size: int, parallel: bool = False):
+    """Batches in order, never augmented."""
     dataset = tf.data.Dataset.range(n)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size) \
         if parallel else dataset.batch(batch_size).map(load)
