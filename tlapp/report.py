@@ -43,13 +43,16 @@ def _format(rows: list[tuple[str, ...]]) -> str:
 
 
 def plot_history(rows: list[dict], path) -> None:
-    """Loss and accuracy per epoch, train and val, as a PNG."""
+    """Loss and accuracy per epoch, train and val, all stages in sequence with a dotted line
+    where a stage starts, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     epochs = list(range(1, len(rows) + 1))
+    starts = [(i + 1, row["stage"]) for i, row in enumerate(rows)
+              if i == 0 or row["stage"] != rows[i - 1]["stage"]]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric in zip(axes, ("loss", "accuracy")):
         for prefix, style in (("", "-"), ("val_", "--")):
@@ -57,7 +60,12 @@ def plot_history(rows: list[dict], path) -> None:
             if any(v is not None for v in values):
                 axis.plot(epochs, [float("nan") if v is None else v for v in values], style,
                           label=(prefix or "train_") + metric)
-        axis.set_xlabel("epoch")
+        for epoch, stage in starts:
+            if epoch > 1:
+                axis.axvline(epoch - 0.5, color="gray", linestyle=":")
+            axis.annotate(stage, (max(epoch - 0.5, 1), 1), xycoords=("data", "axes fraction"),
+                          xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
+        axis.set_xlabel("epoch (all stages)")
         axis.set_title(metric)
         axis.legend()
     figure.tight_layout()
