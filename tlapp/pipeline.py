@@ -67,7 +67,8 @@ def _as_runs(runs) -> list[Run]:
     """A Run, a run folder, or a list of them -> a list of Runs."""
     runs = runs if isinstance(runs, (list, tuple)) else [runs]
     if not runs:
-        raise UserInputError("No run given: pass at least one run folder (--model RUN).")
+        raise UserInputError("No run given: pass a run folder (RUN, or --model RUN per ensemble "
+                             "member).")
     return [r if isinstance(r, Run) else load_run(r) for r in runs]
 
 
