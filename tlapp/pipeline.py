@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from tlapp import backbones, cache as cache_lib, config as config_lib, data as data_lib
-from tlapp import evaluation, exporting, head, report, training
+from tlapp import evaluation, exporting, head, inference, report, training
 from tlapp.config import Config, UserInputError
 
 
@@ -40,9 +40,9 @@ class Run:
     def image_size(self) -> int:
         return int(self.config.image_size)
 
-    def predict(self, images: list[str], top_k: int = 5) -> list[dict]:
+    def predict(self, images: list[str], top_k: int = 5, tta: str = "none") -> list[dict]:
         """Predicts image files; see `predict`."""
-        return predict([self], images, top_k)
+        return predict([self], images, top_k, tta=tta)
 
 
 def load_run(path: str | Path) -> Run:
@@ -64,37 +64,56 @@ def load_run(path: str | Path) -> Run:
     return Run(path, config, labels, metrics)
 
 
-def predict(runs: list[Run], images: list[str], top_k: int = 5,
-            batch_size: int = 32) -> list[dict]:
+def _as_runs(runs) -> list[Run]:
+    """A Run, a run folder, or a list of them -> a list of Runs."""
+    runs = runs if isinstance(runs, (list, tuple)) else [runs]
+    if not runs:
+        raise UserInputError("No run given: pass a run folder (RUN, or --model RUN per ensemble "
+                             "member).")
+    return [r if isinstance(r, Run) else load_run(r) for r in runs]
+
+
+def ensemble_members(runs) -> list[inference.Member]:
+    """The runs as ensemble members, after checking they share labels.
+
+    Raises:
+        UserInputError: the runs' labels differ (the message names the runs and classes).
+    """
+    runs = _as_runs(runs)
+    inference.check_same_labels([(str(r.path), r.labels) for r in runs])
+    return [inference.Member(r.model, r.image_size, str(r.path)) for r in runs]
+
+
+def iter_predictions(runs, images: list[str], top_k: int = 5, batch_size: int = 32,
+                     tta: str = "none"):
+    """Like `predict`, but yields each file's result as soon as its chunk is done."""
+    runs = _as_runs(runs)
+    members = ensemble_members(runs)
+    labels = runs[0].labels
+    files = data_lib.expand_inputs(images)
+    for path, row, error in inference.predict_files(members, files, tta, batch_size):
+        if error:
+            yield {"path": path, "error": error}
+        else:
+            best = np.argsort(-row, kind="stable")[:top_k]
+            yield {"path": path, "predictions": [{"label": labels[i],
+                                                   "probability": float(row[i])} for i in best]}
+
+
+def predict(runs, images: list[str], top_k: int = 5, batch_size: int = 32,
+            tta: str = "none") -> list[dict]:
     """Top-k predictions for image files, folders or globs, averaged over `runs`.
+
+    Args:
+        runs: a Run or run folder, or several (an ensemble: probabilities are averaged;
+            each run decodes at its own image size; labels must match).
+        tta: "none", "flip" or "10crop" (see tlapp.inference).
 
     Returns:
         One dict per file, in input order: {"path", "predictions": [{"label",
         "probability"}, ...] best first}, or {"path", "error"} for a file it could not read.
     """
-    labels = runs[0].labels
-    results, pixels = [], {run.path: [] for run in runs}
-    for path in data_lib.expand_inputs(images):
-        try:
-            raw = Path(path).read_bytes()
-            for run in runs:
-                pixels[run.path].append(data_lib.decode_image(raw, run.image_size).numpy())
-            results.append({"path": path})
-        except OSError as e:
-            results.append({"path": path, "error": f"cannot read: {e.strerror or e}"})
-        except Exception as e:  # TF decode errors
-            message = getattr(e, "message", str(e)).splitlines()[0]
-            results.append({"path": path, "error": f"cannot decode: {message}"})
-    readable = [r for r in results if "error" not in r]
-    if readable:
-        probabilities = np.mean([run.model.predict(np.stack(pixels[run.path]),
-                                                   batch_size=batch_size, verbose=0)
-                                 for run in runs], axis=0)
-        for result, row in zip(readable, probabilities):
-            best = np.argsort(-row)[:top_k]
-            result["predictions"] = [{"label": labels[i], "probability": float(row[i])}
-                                     for i in best]
-    return results
+    return list(iter_predictions(runs, images, top_k, batch_size, tta))
 
 
 def default_out(backbone: str) -> Path:
@@ -277,16 +296,16 @@ def _train(config: Config, spec: backbones.BackboneSpec, scanned: data_lib.Scann
         timings["fine_tune_s"] = time.perf_counter() - tick
         features = None  # the stem changed: evaluate on images
 
-    results = {}
+    results, probabilities = {}, {}
     for name in ("val", "test"):
         if not len(labels[name]):
-            probabilities = None
+            probabilities[name] = None
         elif features is not None:
-            probabilities = models.train.predict(features[name], verbose=0)
+            probabilities[name] = models.train.predict(features[name], verbose=0)
         else:
-            probabilities = models.full.predict(data_lib.image_dataset(
+            probabilities[name] = models.full.predict(data_lib.image_dataset(
                 paths[name], image_size, config.batch_size), verbose=0)
-        results[name] = evaluation.classification_metrics(labels[name], probabilities,
+        results[name] = evaluation.classification_metrics(labels[name], probabilities[name],
                                                           scanned.classes)
     history = checkpoint.state["history"]
     metrics = {
@@ -303,8 +322,8 @@ def _train(config: Config, spec: backbones.BackboneSpec, scanned: data_lib.Scann
     (temp / "plots").mkdir(exist_ok=True)
     report.plot_history(history, temp / "plots" / "training_curves.png")
     if results["test"]["count"]:
-        report.plot_confusion(results["test"]["confusion_matrix"], scanned.classes,
-                              temp / "plots" / "confusion_matrix.png")
+        evaluation.write_reports(temp, results["test"], [s.path for s in scanned.split("test")],
+                                 labels["test"], probabilities["test"], scanned.classes)
     models.full.save(temp / "model.keras")
     exporting.export_saved_model(models.full, scanned.classes, temp / "saved_model")
     shutil.rmtree(temp / "checkpoints", ignore_errors=True)  # the run is complete
@@ -340,38 +359,72 @@ def _percent(value: float | None) -> str:
     return "n/a (no images)" if value is None else f"{100 * value:.1f}%"
 
 
-def evaluate_run(run: Run | str | Path, data: str | Path | None = None,
-                 batch_size: int = 32, verbose: bool = True) -> dict:
+def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
+                 verbose: bool = True, tta: str = "none", out: str | Path | None = None) -> dict:
     """Evaluates the whole model (pixels in) on the run's test split, or on every image of
-    `data` (a folder with the run's class folders). Stores the result in metrics.json
-    under "evaluate" and returns it.
+    `data` (a folder with the run's class folders).
+
+    Args:
+        run: a Run or run folder, or several (an ensemble: probabilities are averaged).
+        tta: "none", "flip" or "10crop" (see tlapp.inference).
+        out: folder for the results (default: the run folder; for an ensemble
+            models/ensemble-TIME). metrics.json there gets them under "evaluate";
+            confusion_matrix.csv, misclassified.csv and plots/confusion_matrix.png are
+            rewritten.
+
+    Returns:
+        The metrics (see evaluation.classification_metrics) plus data, tta, models, out.
     """
-    run = run if isinstance(run, Run) else load_run(run)
+    runs = _as_runs(run)
+    members = ensemble_members(runs)
+    first = runs[0]
     if data is None:
-        root = data_lib.resolve_data(run.config.data, Path(run.config.cache_dir), verbose)
-        split = json.loads((run.path / "split.json").read_text())
-        paths = [root / p for p in split["test"]]
+        _check_same_test_split(runs)
+        root = data_lib.resolve_data(first.config.data, Path(first.config.cache_dir), verbose)
+        split = json.loads((first.path / "split.json").read_text())
+        files = split["test"]
+        paths = [root / p for p in files]
         class_part = 1 if (root / "train").is_dir() else 0  # train/CLASS/... or CLASS/...
-        labels = [run.labels.index(p.split("/")[class_part]) for p in split["test"]]
+        labels = [first.labels.index(p.split("/")[class_part]) for p in files]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserInputError(f"{len(missing)} test images of this run are gone "
                                  f"(first: {missing[0]}); pass --data DIR to evaluate elsewhere.")
     else:
         scanned = data_lib.scan_folder(data, 0.0, 0.0, verbose=verbose)
-        unknown = sorted(set(scanned.classes) - set(run.labels))
+        unknown = sorted(set(scanned.classes) - set(first.labels))
         if unknown:
             raise UserInputError(f"{data} has classes the run does not know: "
-                                 f"{', '.join(unknown)}. Known: {', '.join(run.labels)}.")
-        paths = [scanned.root / s.path for s in scanned.samples]
-        labels = [run.labels.index(scanned.classes[s.label]) for s in scanned.samples]
+                                 f"{', '.join(unknown)}. Known: {', '.join(first.labels)}.")
+        files = [s.path for s in scanned.samples]
+        paths = [scanned.root / p for p in files]
+        labels = [first.labels.index(scanned.classes[s.label]) for s in scanned.samples]
     if not paths:
         raise UserInputError("No images to evaluate on.")
-    dataset = data_lib.image_dataset(paths, run.image_size, batch_size)
-    probabilities = run.model.predict(dataset, verbose=1 if verbose else 0)
-    result = evaluation.classification_metrics(np.array(labels), probabilities, run.labels)
-    result["data"] = str(data) if data else "test split"
-    metrics_file = run.path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    cache_lib.write_json(metrics_file, metrics | {"evaluate": result})
+    rows, errors = [], []
+    for path, row, error in inference.predict_files(members, [str(p) for p in paths], tta,
+                                                    batch_size, verbose=verbose):
+        rows.append(row)
+        errors += [f"{path}: {error}"] if error else []
+    if errors:
+        raise UserInputError(f"{len(errors)} images could not be read (first: {errors[0]}). "
+                             f"Fix or remove them, or pass --data DIR.")
+    probabilities = np.stack(rows)
+    result = evaluation.classification_metrics(np.array(labels), probabilities, first.labels)
+    out = Path(out) if out else first.path if len(runs) == 1 else \
+        Path("models") / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}"
+    result |= {"data": str(data) if data else "test split", "tta": tta,
+               "models": [str(r.path) for r in runs], "out": str(out)}
+    evaluation.write_reports(out, result, files, np.array(labels), probabilities, first.labels)
+    evaluation.update_metrics(out, "evaluate", result)
     return result
+
+
+def _check_same_test_split(runs: list[Run]) -> None:
+    first_split = json.loads((runs[0].path / "split.json").read_text())["test"]
+    for other in runs[1:]:
+        split = json.loads((other.path / "split.json").read_text())["test"]
+        if other.config.data != runs[0].config.data or split != first_split:
+            raise UserInputError(f"{runs[0].path} and {other.path} have different test splits, "
+                                 f"so no test split is unseen by every member. Pass --data DIR "
+                                 f"to evaluate the ensemble on one folder.")

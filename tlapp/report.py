@@ -69,7 +69,7 @@ def plot_history(rows: list[dict], path) -> None:
         axis.set_title(metric)
         axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     plt.close(figure)
 
 
@@ -93,7 +93,7 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path) -> None:
             for j in range(n):
                 axis.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     plt.close(figure)
 
 
