@@ -10,11 +10,26 @@ import traceback
 # TensorFlow's C++ start-up chatter is not for users; set before TF is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+
+def blocks(text: str) -> int | str:
+    """--trainable-blocks: a number or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
 TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
-    "backbone": (str, "backbone name (see 'tlapp backbones'); default resnet50"),
-    "weights": (str, "imagenet (default), none (random init) or PATH to a weights file"),
-    "cut": (str, "layer where the frozen stem ends (see 'tlapp backbones NAME')"),
-    "trainable_blocks": (int, "leave the top N blocks trainable; 0 (default) trains only the head"),
+    "backbone": (str, "backbone name (see 'tlapp backbones') or PATH.keras; default resnet50"),
+    "weights": (str, "imagenet (default), none (random init) or PATH to a weights file; "
+                     "for a .keras backbone, saved (its own weights; imagenet means the same)"),
+    "cut": (str, "layer where the frozen stem ends (see 'tlapp backbones NAME'); "
+                 "'input' freezes nothing"),
+    "trainable_blocks": (blocks, "leave the top N blocks trainable; 0 trains only the head; "
+                                 "'all' trains everything (default 0; 'all' for lenet5, alexnet)"),
     "image_size": (int, "square input size in pixels; default: the backbone's own"),
     "epochs": (int, "training epochs (default 10)"),
     "batch_size": (int, "batch size (default 32)"),
@@ -25,6 +40,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
     "cache_dir": (str, "feature cache folder (default $TLAPP_CACHE_DIR, else ~/.cache/tlapp)"),
     "out": (str, "run folder to write (default models/BACKBONE-TIME)"),
     "seed": (int, "random seed (default 0)"),
+    "preprocess": (str, "for a .keras backbone: none (default), caffe, tf or torch"),
 }
 
 
@@ -63,8 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", metavar="RUN", help="run folder")
     export.add_argument("--out", help="destination folder (default RUN/saved_model)")
 
-    listing = commands.add_parser("backbones", help="list backbones, or one backbone's cut points")
-    listing.add_argument("name", nargs="?", metavar="NAME")
+    experiment = commands.add_parser(
+        "experiment", help="run a sweep of training runs from a TOML file",
+        description="Base settings plus a [sweep] table of lists (every combination) and/or "
+                    "[[runs]] entries. Runs share one feature cache; finished runs are "
+                    "skipped on a rerun; a failed run is recorded and the others continue. "
+                    "Writes OUT/<run>/, OUT/results.csv, OUT/results.md, OUT/plots/results.png.")
+    experiment.add_argument("config", metavar="CONFIG.toml", help="experiment file")
+    experiment.add_argument("--out", help="experiment folder (default: 'out' in the file, "
+                                          "else models/experiments/<file name>)")
+
+    listing = commands.add_parser(
+        "backbones", help="list backbones with parameters and MACs, or one's cut points")
+    listing.add_argument("name", nargs="?", metavar="NAME", help="backbone name or PATH.keras")
     listing.add_argument("--image-size", type=int, help="size for shapes and cache bytes")
 
     demo = commands.add_parser("demo", help="run the whole pipeline on a built-in dataset")
@@ -122,6 +149,12 @@ def cmd_export(args) -> int:
     out = exporting.export_saved_model(run.model, run.labels, args.out or run.path / "saved_model")
     print(f"exported SavedModel to {out}")
     return 0
+
+
+def cmd_experiment(args) -> int:
+    from tlapp import experiments
+
+    return experiments.run_experiment(args.config, out=args.out).exit_status
 
 
 def cmd_backbones(args) -> int:

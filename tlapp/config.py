@@ -25,9 +25,9 @@ class Config:
 
     data: str = ""
     backbone: str = "resnet50"
-    weights: str = "imagenet"  # imagenet | none | PATH to a weights file
-    cut: str | None = None  # layer name; the stem ends here
-    trainable_blocks: int | None = None  # top blocks left trainable; 0 = head only
+    weights: str = "imagenet"  # imagenet | none | PATH to a weights file (| saved: .keras)
+    cut: str | None = None  # layer name; the stem ends here ("input": nothing frozen)
+    trainable_blocks: int | str | None = None  # top blocks left trainable; 0 = head; "all"
     image_size: int | None = None
     epochs: int = 10
     batch_size: int = 32
@@ -38,6 +38,7 @@ class Config:
     cache_dir: str | None = None
     out: str | None = None
     seed: int = 0
+    preprocess: str | None = None  # none | caffe | tf | torch; for .keras backbones only
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))
@@ -64,6 +65,8 @@ def from_dict(values: dict[str, Any], source: str = "config") -> Config:
                 f"{source}: unknown key '{key}'. Valid keys: {', '.join(sorted(FIELDS))}."
             )
         want = _field_type(name)
+        if name == "trainable_blocks" and value == "all":
+            want = str
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if value is not None and (not isinstance(value, want) or isinstance(value, bool)):
@@ -74,8 +77,8 @@ def from_dict(values: dict[str, Any], source: str = "config") -> Config:
     return validate(Config(**clean))
 
 
-def load_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a flat TOML config file into a dict (validated later by `from_dict`)."""
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a TOML file; a missing or malformed file is a UserInputError."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -84,6 +87,12 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise UserInputError(f"Config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserInputError(f"{path} is not valid TOML: {e}") from None
+    return values
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a flat TOML config file into a dict (validated later by `from_dict`)."""
+    values = read_toml(path)
     for key, value in values.items():
         if isinstance(value, dict):
             raise UserInputError(f"{path}: tables are not supported yet. Received: [{key}]")
@@ -107,8 +116,9 @@ def validate(config: Config) -> Config:
     check(config.val_fraction + config.test_fraction < 1, "test_fraction",
           "such that val_fraction + test_fraction < 1")
     check(config.image_size is None or config.image_size >= 1, "image_size", "positive")
-    check(config.trainable_blocks is None or config.trainable_blocks >= 0,
-          "trainable_blocks", "0 or more")
+    blocks = config.trainable_blocks
+    check(blocks is None or blocks == "all" or (isinstance(blocks, int) and blocks >= 0),
+          "trainable_blocks", "0 or more, or 'all'")
     if config.cut is not None and config.trainable_blocks:
         raise UserInputError(
             "Give either cut or trainable_blocks, not both. "

@@ -24,6 +24,7 @@ class Models:
     pooled_features: keras.Model  # cached activations -> pooled vector before the head
     normalization: keras.layers.Normalization
     pooled: bool  # True when the cache holds one pooled vector per image
+    from_input: bool = False  # True when the cut is the input: the whole network trains
 
 
 def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str,
@@ -36,7 +37,7 @@ def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str,
     initialisation especially) that otherwise swamps a linear head's gradients.
     """
     stem, top = backbones.split_backbone(base, cut)
-    frozen = True
+    frozen = cut != backbones.INPUT_CUT
     for layer in base.layers:
         layer.trainable = not frozen
         if layer.name == cut:
@@ -51,36 +52,52 @@ def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str,
 
     features = stem(preprocess(pixels))
     if top is None:
-        features = keras.layers.GlobalAveragePooling2D(name="stem_pool")(features)
+        features = _pool(features, "stem_pool")
     stem_model = keras.Model(pixels, features, name="stem_model")
 
     cached = keras.Input(tuple(features.shape[1:]), name="features")
     x = cached
     if top is not None:
-        # BatchNormalization stays in inference mode, as in the Keras transfer-learning guide.
-        x = keras.layers.GlobalAveragePooling2D(name="top_pool")(top(x, training=False))
+        # BatchNormalization stays in inference mode, as in the Keras transfer-learning guide;
+        # classic nets (no BatchNormalization) train from scratch with their Dropout active.
+        x = _pool(top(x, training=None if spec.scratch_only else False), "top_pool")
     pooled_model = keras.Model(cached, x, name="pooled_features")
     train_model = keras.Model(cached, head_dense(head_dropout(head_norm(x))), name="train_model")
 
     x = base(preprocess(pixels), training=False)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = _pool(x, "avg_pool")
     full_model = keras.Model(pixels, head_dense(head_dropout(head_norm(x))),
                              name=f"tlapp_{spec.name}")
     return Models(stem_model, train_model, full_model, pooled_model, head_norm,
-                  pooled=top is None)
+                  pooled=top is None, from_input=cut == backbones.INPUT_CUT)
 
 
-def adapt_head(models: Models, train_features: np.ndarray, batch_size: int = 64) -> None:
+def _pool(x, name: str):
+    """Global average pooling for feature maps; vectors (classic nets' fc layers) pass as is."""
+    if len(x.shape) == 4:
+        return keras.layers.GlobalAveragePooling2D(name=name)(x)
+    return x if len(x.shape) == 2 else keras.layers.Flatten(name=name)(x)
+
+
+def adapt_head(models: Models, train_features: np.ndarray, batch_size: int = 64,
+               random_init: bool = False) -> None:
     """Sets the head's standardisation from the pooled training features.
 
     Each feature's variance is floored at 1% of the mean variance: a feature that is
     nearly constant on the training images must not turn into a huge input on new ones.
+    When the whole network trains from random initialisation (cut at the input and
+    `random_init`), its features' scale changes as it learns, so statistics of the initial
+    features would mislead (AlexNet's loss explodes): the layer is then the identity.
     """
-    pooled = train_features if models.pooled else models.pooled_features.predict(
-        train_features, batch_size=batch_size, verbose=0)
-    pooled = np.asarray(pooled, dtype=np.float64)
-    variance = pooled.var(axis=0)
-    floor = 0.01 * variance.mean() if variance.mean() > 0 else 1.0
+    if models.from_input and random_init:
+        width = models.pooled_features.output.shape[-1]
+        pooled, variance, floor = np.zeros((2, width)), np.ones(width), 1.0
+    else:
+        pooled = train_features if models.pooled else models.pooled_features.predict(
+            train_features, batch_size=batch_size, verbose=0)
+        pooled = np.asarray(pooled, dtype=np.float64)
+        variance = pooled.var(axis=0)
+        floor = 0.01 * variance.mean() if variance.mean() > 0 else 1.0
     layer = models.normalization
     layer.adapt(pooled[:2].astype(np.float32))  # builds the layer's state variables
     layer.adapt_mean.assign(pooled.mean(axis=0).astype(np.float32))

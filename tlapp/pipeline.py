@@ -120,7 +120,7 @@ def run(config: Config, verbose: bool = True) -> Run:
     """Runs the whole pipeline for one config and returns the finished run."""
     start = time.perf_counter()
     timings = {}
-    spec = backbones.get_spec(config.backbone)
+    spec = backbones.get_spec(config.backbone, config.preprocess)
     image_size = config.image_size or spec.default_size
     cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     out = Path(config.out or default_out(spec.name)).expanduser()
@@ -139,7 +139,8 @@ def run(config: Config, verbose: bool = True) -> Run:
     cut = backbones.resolve_cut(spec, base, config.cut, config.trainable_blocks)
     resolved = config.replace(
         data=config.data if config.data.startswith("tfds:") else str(data_root.resolve()),
-        image_size=image_size, cut=cut, trainable_blocks=None,
+        image_size=image_size, cut=cut, trainable_blocks=None, **backbones.resolved_source(
+            spec, config.weights),
         cache_dir=str(cache_dir.resolve()), out=str(out.resolve()))
     models = head.build_models(spec, base, cut, len(scanned.classes), config.dropout, image_size)
     if verbose:
@@ -170,7 +171,7 @@ def run(config: Config, verbose: bool = True) -> Run:
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir(parents=True)
     tick = time.perf_counter()
-    head.adapt_head(models, train_set[0])
+    head.adapt_head(models, train_set[0], random_init=config.weights == "none")
     history = training.fit_on_features(models.train, train_set, val_set, config.epochs,
                                         config.batch_size, config.lr, config.seed,
                                         log_dir=temp / "logs", verbose=verbose)
