@@ -28,10 +28,14 @@ def test_runs_are_crossed_with_the_sweep_and_named_by_what_differs():
                                  "seed": 0, "epochs": 3}
     assert planned[0].settings == {"backbone": "lenet5", "trainable_blocks": "all",
                                    "lr": 0.1, "seed": 0}
-    assert planned[2].settings["trainable_blocks"] is None
+    assert planned[2].settings["trainable_blocks"] is None  # resolved per backbone
+    assert planned[2].settings["backbone"] == "models/my net.keras"
+    explicit_default = experiments.plan_runs({}, {}, [{"lr": 0.001, "seed": 0}, {"seed": 1}])
+    assert [p.name for p in explicit_default] == ["seed=0", "seed=1"]  # lr=0.001: default
+    assert explicit_default[0].settings == {"seed": 0}
     same = experiments.plan_runs({}, {}, [{"lr": 0.1}, {"lr": 0.1}])
     assert [p.name for p in same] == ["run", "run-2"]
-    assert experiments.plan_runs({"lr": 0.1}, {}, [{"lr": 0.1}, {"seed": 1}])[0].name == "run"
+    assert experiments.plan_runs({"lr": 0.1}, {}, [{"lr": 0.1}, {"seed": 0}])[0].name == "run"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -113,6 +117,10 @@ def test_rerun_skips_finished_runs(experiment, monkeypatch, capsys):
     assert [r["status"] for r in rows] == ["failed", "skipped", "skipped"]
     assert rows[2]["cache_reused"] == "15"  # read back from the finished run's metrics
     assert "finished earlier, skipped" in capsys.readouterr().out
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 2"))
+    assert cli.main(["experiment", str(path)]) == 2
+    assert "note: lr=0.01 was trained with epochs=1" in capsys.readouterr().out
+    assert [r["status"] for r in read_rows(out)] == ["failed", "skipped", "skipped"]
 
 
 def test_unexpected_errors_are_recorded_and_exit_1(tmp_path, monkeypatch):

@@ -276,7 +276,7 @@ def block_ends(spec: BackboneSpec, model: keras.Model) -> list[str]:
 
 
 def resolve_cut(spec: BackboneSpec, model: keras.Model, cut: str | None,
-                trainable_blocks: int | None) -> str:
+                trainable_blocks: int | str | None) -> str:
     """Turns --cut / --trainable-blocks into the name of the layer where the stem ends.
 
     `trainable_blocks="all"`, and the default of classic nets, is INPUT_CUT: every layer trains.

@@ -61,8 +61,9 @@ def alexnet(input_shape: tuple[int, int, int] = (227, 227, 3), include_top: bool
     """AlexNet (Krizhevsky, Sutskever, Hinton 2012): five ReLU convolutions (conv2, conv4 and
     conv5 in two groups, as the paper split them over two GPUs), overlapping max pooling,
     optional local response normalisation after conv1 and conv2, and two 4096-unit fully
-    connected layers whose outputs are dropped out in training. 60,965,224 parameters at 227x227 with 1000
-    classes (the paper's "60 million"). Needs at least 67x67 pixels.
+    connected layers whose outputs are dropped out in training (fc7's by tlapp's head unless
+    `include_top`). 60,965,224 parameters at 227x227 with 1000 classes (the paper's
+    "60 million"). Needs at least 67x67 pixels.
     """
     layers = keras.layers
     inputs = keras.Input(input_shape, name="input")

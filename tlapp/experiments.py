@@ -40,7 +40,7 @@ COLUMNS = ["status", "val_accuracy", "test_accuracy", "train_s", "extract_s",
 @dataclasses.dataclass
 class PlannedRun:
     name: str
-    settings: dict  # the settings that tell the runs apart (None: not set, the default)
+    settings: dict  # the settings that tell the runs apart, defaults filled in (None: auto)
     values: dict  # everything that goes into its Config, but out and cache_dir
 
 
@@ -83,7 +83,9 @@ def plan_runs(base: dict, sweep: dict[str, list], runs: list[dict]) -> list[Plan
     (`key=value` joined by commas; a [[runs]] `name` stands for that entry's own settings);
     duplicates get -2, -3, ..."""
     combos = expand(sweep, runs)
-    effective = [base | {k: v for k, v in combo.items() if k != "name"} for combo in combos]
+    defaults = config_lib.Config().to_dict()
+    effective = [defaults | base | {k: v for k, v in combo.items() if k != "name"}
+                 for combo in combos]
     keys = list(dict.fromkeys([k for entry in runs for k in entry if k != "name"] + list(sweep)))
     varying = [k for k in keys
                if len({json.dumps(values.get(k), sort_keys=True) for values in effective}) > 1]
@@ -96,7 +98,8 @@ def plan_runs(base: dict, sweep: dict[str, list], runs: list[dict]) -> list[Plan
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name}-{seen[name]}"
-        planned.append(PlannedRun(name, {k: values.get(k) for k in varying}, values))
+        planned.append(PlannedRun(name, {k: values.get(k) for k in varying},
+                                  base | {k: v for k, v in combo.items() if k != "name"}))
     return planned
 
 
@@ -112,6 +115,8 @@ def load_experiment(path: str | Path) -> tuple[dict, dict[str, list], list[dict]
     if not isinstance(sweep, dict) or not isinstance(runs, list):
         raise UserInputError(f"{path}: 'sweep' must be a table ([sweep]) and 'runs' an array "
                              f"of tables ([[runs]]).")
+    values, sweep, runs = _underscores(values), _underscores(sweep), [
+        _underscores(entry) for entry in runs]
     _check_keys(values, f"{path}", per_run=False)
     _check_keys(sweep, f"{path} [sweep]")
     for key, choices in sweep.items():
@@ -127,17 +132,21 @@ def load_experiment(path: str | Path) -> tuple[dict, dict[str, list], list[dict]
     return values, sweep, runs
 
 
+def _underscores(values: dict) -> dict:
+    """Keys as Config spells them (TOML files may write trainable-blocks)."""
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
 def _check_keys(values: dict, where: str, allowed: tuple[str, ...] = (),
                 per_run: bool = True) -> None:
     for key, value in values.items():
-        name = key.replace("-", "_")
         if isinstance(value, dict):
             raise UserInputError(f"{where}: unknown table [{key}]. An experiment file has "
                                  f"base settings, [sweep] and [[runs]].")
-        if name not in config_lib.FIELDS and name not in allowed:
+        if key not in config_lib.FIELDS and key not in allowed:
             raise UserInputError(f"{where}: unknown key '{key}'. Valid keys: "
                                  f"{', '.join(sorted(config_lib.FIELDS))}.")
-        if per_run and name in SHARED_KEYS:
+        if per_run and key in SHARED_KEYS:
             raise UserInputError(f"{where}: '{key}' is shared by all runs of an experiment; "
                                  f"set it at the top of the file (or use --out).")
 
@@ -155,8 +164,8 @@ def run_experiment(path: str | Path, out: str | Path | None = None,
     """
     path = Path(path)
     base, sweep, runs = load_experiment(path)
-    out = Path(out or base.pop("out", None) or Path("models/experiments") / path.stem)
-    base.pop("out", None)
+    file_out = base.pop("out", None)
+    out = Path(out or file_out or Path("models/experiments") / path.stem)
     cache_dir = Path(base.pop("cache_dir", None) or config_lib.default_cache_dir())
     cache_dir = cache_dir.expanduser().resolve()
     planned = plan_runs(base, sweep, runs)
@@ -176,6 +185,10 @@ def run_experiment(path: str | Path, out: str | Path | None = None,
             if verbose:
                 print(f"experiment: run {number}/{len(planned)} {run.name}: finished earlier, "
                       f"skipped (delete {folder} to run it again)")
+                changed = _changed_settings(folder, run.values)
+                if changed:
+                    print(f"experiment: note: {run.name} was trained with {changed}; "
+                          f"the file now says otherwise")
         else:
             if verbose:
                 print(f"experiment: run {number}/{len(planned)} {run.name}")
@@ -208,6 +221,18 @@ def _train(run: PlannedRun, folder: Path, cache_dir: Path, verbose: bool) -> dic
         return {"status": "failed", "error": message}
     errors.unlink(missing_ok=True)
     return _metrics_row(finished.metrics, "trained")
+
+
+def _changed_settings(folder: Path, values: dict) -> str:
+    """Plain numeric settings of a finished run that differ from what the file asks now."""
+    try:
+        recorded = config_lib.load_toml(folder / "config.toml")
+    except UserInputError:
+        return ""
+    keys = ("epochs", "batch_size", "lr", "dropout", "seed", "image_size", "val_fraction",
+            "test_fraction")
+    return ", ".join(f"{k}={recorded[k]!r}" for k in keys
+                     if k in values and k in recorded and values[k] != recorded[k])
 
 
 def _metrics_row(metrics: dict, status: str) -> dict:

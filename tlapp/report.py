@@ -1,4 +1,4 @@
-"""Text reports (the backbone table with parameters and MACs, a backbone's cut points) and plots."""
+"""Text reports (backbones with parameters and MACs, a backbone's cut points) and plots."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -133,7 +133,7 @@ def plot_results(rows: list[dict], path) -> None:
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
     for axis in axes:
-        axis.legend(loc="lower right", fontsize=8)
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
