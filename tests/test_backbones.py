@@ -30,14 +30,14 @@ def test_stem_then_top_equals_full_model(name):
     assert set(ends) <= set(points)
     x = np.random.default_rng(0).uniform(-1, 1, (2,) + model.input.shape[1:]).astype("float32")
     expected = np.asarray(model(x))
-    for cut in sample_cuts(points, ends):
+    for cut in [backbones.INPUT_CUT] + sample_cuts(points, ends):
         stem, top = backbones.split_backbone(model, cut)
         assert top is not None
         np.testing.assert_allclose(np.asarray(top(stem(x))), expected, rtol=1e-4, atol=1e-5,
                                    err_msg=f"{name} cut at {cut}")
 
 
-@pytest.mark.parametrize("name", list(backbones.BACKBONES))
+@pytest.mark.parametrize("name", [n for n, s in backbones.BACKBONES.items() if s.module])
 def test_preprocess_layer_matches_keras_preprocess_input(name):
     spec = backbones.BACKBONES[name]
     x = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
@@ -122,8 +122,10 @@ def test_resolve_cut():
     assert backbones.resolve_cut(spec, model, "block3_conv2", None) == "block3_conv2"
     with pytest.raises(UserInputError, match="not a valid cut point.*block4_pool"):
         backbones.resolve_cut(spec, model, "block4_poo", None)
-    with pytest.raises(UserInputError, match="at most 4"):
+    with pytest.raises(UserInputError, match="at most 4, or 'all'"):
         backbones.resolve_cut(spec, model, None, 5)
+    assert backbones.resolve_cut(spec, model, None, "all") == backbones.INPUT_CUT
+    assert backbones.resolve_cut(spec, model, "input", None) == backbones.INPUT_CUT
 
 
 def test_image_size_below_minimum():

@@ -59,7 +59,7 @@ def test_help_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "tlapp", "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0
-    for command in ("train", "evaluate", "predict", "export", "backbones", "demo"):
+    for command in ("train", "evaluate", "predict", "export", "experiment", "backbones", "demo"):
         assert command in result.stdout
 
 
@@ -109,7 +109,11 @@ def test_backbones_table_lists_the_registry(capsys):
     assert code == 0
     assert "23,587,712" in out  # ResNet50 without its top
     assert "14,714,688" in out  # VGG16 without its top
-    assert len(out.splitlines()) == 1 + 13
+    assert len(out.splitlines()) == 1 + 15 + 1  # header, backbones, footnote
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:-1]}
+    assert rows["vgg16"][2:5] == ["15.3", "G", "224"]  # MACs per image at 224x224, no top
+    assert rows["lenet5"][1:5] == ["61,156", "651", "k", "32"]
+    assert rows["alexnet"][2:5] == ["720", "M", "227"]
 
 
 def test_demo_runs_offline_end_to_end(tmp_path, capsys):

@@ -25,11 +25,21 @@ def test_unknown_key_is_rejected_with_its_name(tmp_path):
     ("batch_size", "big", "batch_size='big'"),
     ("dropout", 1.5, "dropout=1.5"),
     ("val_fraction", 0.6, "val_fraction"),
+    ("trainable_blocks", "some", "trainable_blocks='some'"),
+    ("trainable_blocks", -1, "trainable_blocks=-1"),
 ])
 def test_bad_values_name_key_and_value(key, value, message):
     values = {"test_fraction": 0.5} if key == "val_fraction" else {}
     with pytest.raises(UserInputError, match=message):
         config_lib.from_dict(values | {key: value})
+
+
+def test_trainable_blocks_all_round_trips(tmp_path):
+    config = config_lib.from_dict({"trainable_blocks": "all", "preprocess": "tf"})
+    path = tmp_path / "c.toml"
+    path.write_text(config_lib.to_toml(config))
+    assert config_lib.from_dict(config_lib.load_toml(path)) == config
+    assert config.trainable_blocks == "all"
 
 
 def test_cut_and_trainable_blocks_conflict():

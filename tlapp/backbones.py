@@ -6,17 +6,21 @@ import difflib
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
 from keras import ops
 
+from tlapp import classic
 from tlapp.config import UserInputError
+
+INPUT_CUT = "input"  # the cut at the model's input: nothing frozen, the cache holds pixels
 
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
-    """How to build one `keras.applications` backbone and use it as a feature extractor.
+    """How to build one backbone and use it as a feature extractor.
 
     Attributes:
         name: registry name (lower case, as typed on the command line).
@@ -28,6 +32,9 @@ class BackboneSpec:
         block_pattern: regex matching the layer that ends each block; block ends are
             the cut points whose names match it, plus the final layer.
         module: `keras.applications` submodule holding its `preprocess_input`.
+        builder: for classic nets trained from scratch (no `keras.applications` factory, no
+            pretrained weights): image size -> model without its softmax layer.
+        path: for a user's model file (`tlapp.custom`): its absolute path.
     """
 
     name: str
@@ -38,6 +45,19 @@ class BackboneSpec:
     weight_file: str
     block_pattern: str
     module: str
+    builder: Callable[[int], keras.Model] | None = None
+    path: str | None = None
+
+    @property
+    def scratch_only(self) -> bool:
+        """True for classic nets: no pretrained weights, everything trains by default."""
+        return self.builder is not None
+
+
+def _classic(name: str, builder: Callable[[int], keras.Model], default_size: int,
+             min_size: int, block_pattern: str) -> BackboneSpec:
+    return BackboneSpec(name, "", "tf", default_size, min_size, "", block_pattern, "",
+                        builder=builder)
 
 
 def _resnet(name: str, factory: str, v2: bool = False) -> BackboneSpec:
@@ -73,12 +93,25 @@ _SPECS = [
     BackboneSpec("densenet121", "DenseNet121", "torch", 224, 32,
                  "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
                  r"(pool\d_pool|conv5_block\d+_concat)$", "densenet"),
+    _classic("lenet5", lambda size: classic.lenet5((size, size, 3)), 32, 32,
+             r"(s\d_pool|c5_conv|f6_dense)$"),
+    _classic("alexnet", lambda size: classic.alexnet((size, size, 3)), 227, 67,
+             r"(pool\d|conv[34]|fc[67])$"),
 ]
 BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
 
 
-def get_spec(name: str) -> BackboneSpec:
-    """Returns the registry entry for `name`, or raises a UserInputError listing the known ones."""
+def get_spec(name: str, preprocess: str | None = None) -> BackboneSpec:
+    """Returns the registry entry for `name` (or a spec for a `.keras` model file, with the
+    `preprocess` mode it needs); raises a UserInputError listing the known ones."""
+    from tlapp import custom  # custom builds on this module
+
+    if custom.is_custom(name):
+        return custom.custom_spec(name, preprocess)
+    if preprocess is not None:
+        raise UserInputError(
+            f"preprocess is only for custom .keras backbones; {name} brings its own "
+            f"preprocessing. Remove it. Received: preprocess={preprocess!r}")
     key = name.lower().replace("-", "_")
     if key not in BACKBONES:
         raise UserInputError(
@@ -121,6 +154,15 @@ class Preprocess(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+def resolved_source(spec: BackboneSpec, weights: str) -> dict[str, str]:
+    """Config values that pin a model file down in a run's config.toml: its absolute path,
+    its preprocessing and "saved" for its own weights. Empty for registry backbones."""
+    if not spec.path:
+        return {}
+    return {"backbone": spec.path, "preprocess": spec.preprocess,
+            "weights": "saved" if weights == "imagenet" else weights}
+
+
 def keras_models_dir() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
 
@@ -132,6 +174,7 @@ def build_backbone(spec: BackboneSpec, weights: str, image_size: int, seed: int 
         spec: registry entry.
         weights: "imagenet" (Keras download and cache), "none" (random, from `seed`),
             or a path to the notop `.h5` file as downloaded or a Keras 3 `.weights.h5`.
+            Classic nets take "none" only; model files see `tlapp.custom.build_custom`.
         image_size: square input size in pixels.
         seed: seeds random initialisation, so weights="none" is reproducible.
 
@@ -144,6 +187,17 @@ def build_backbone(spec: BackboneSpec, weights: str, image_size: int, seed: int 
             f"{spec.name} needs images of at least {spec.min_size} px. "
             f"Received: image_size={image_size}"
         )
+    if spec.path:
+        from tlapp import custom
+
+        return custom.build_custom(spec, weights, image_size, seed)
+    if spec.builder:
+        if weights != "none":
+            raise UserInputError(
+                f"{spec.name} has no pretrained weights: it trains from scratch. Pass "
+                f"--weights none. Received: weights={weights!r}")
+        keras.utils.set_random_seed(seed)
+        return spec.builder(image_size)
     factory = getattr(keras.applications, spec.factory)
     kwargs = dict(include_top=False, input_shape=(image_size, image_size, 3))
     keras.utils.set_random_seed(seed)
@@ -208,6 +262,11 @@ def cut_points(model: keras.Model) -> list[str]:
     return names
 
 
+def valid_cuts(model: keras.Model) -> list[str]:
+    """Every value `--cut` accepts, in order: INPUT_CUT ("input"), then the cut points."""
+    return [INPUT_CUT] + [name for name in cut_points(model) if name != INPUT_CUT]
+
+
 def block_ends(spec: BackboneSpec, model: keras.Model) -> list[str]:
     """Cut points that end a block, ending with the final layer."""
     pattern = re.compile(spec.block_pattern)
@@ -217,17 +276,23 @@ def block_ends(spec: BackboneSpec, model: keras.Model) -> list[str]:
 
 
 def resolve_cut(spec: BackboneSpec, model: keras.Model, cut: str | None,
-                trainable_blocks: int | None) -> str:
-    """Turns --cut / --trainable-blocks into the name of the layer where the stem ends."""
+                trainable_blocks: int | str | None) -> str:
+    """Turns --cut / --trainable-blocks into the name of the layer where the stem ends.
+
+    `trainable_blocks="all"`, and the default of classic nets, is INPUT_CUT: every layer trains.
+    """
+    if trainable_blocks == "all" or (spec.scratch_only and cut is None
+                                     and trainable_blocks is None):
+        return INPUT_CUT
     if cut is not None:
-        points = cut_points(model)
+        points = valid_cuts(model)
         if cut not in points:
             near = difflib.get_close_matches(cut, points, n=8, cutoff=0.4) or points[-8:]
             raise UserInputError(
                 f"'{cut}' is not a valid cut point of {spec.name}: a cut point is a layer "
                 f"that every path from input to output passes through. Received: cut={cut!r}. "
                 f"Valid cut points near it: {', '.join(near)}. "
-                f"'tlapp backbones {spec.name}' lists them all."
+                f"'tlapp backbones {spec.path or spec.name}' lists them all."
             )
         return cut
     ends = block_ends(spec, model)
@@ -235,7 +300,7 @@ def resolve_cut(spec: BackboneSpec, model: keras.Model, cut: str | None,
     if blocks >= len(ends):
         raise UserInputError(
             f"{spec.name} has {len(ends) - 1} blocks above its first block end; "
-            f"trainable_blocks must be at most {len(ends) - 1}. "
+            f"trainable_blocks must be at most {len(ends) - 1}, or 'all'. "
             f"Received: trainable_blocks={trainable_blocks}"
         )
     return ends[-1 - blocks]
@@ -245,7 +310,11 @@ def split_backbone(model: keras.Model, cut: str) -> tuple[keras.Model, keras.Mod
     """Splits at `cut` into (stem, top); top is None when `cut` is the final layer.
 
     Both share layers (and so weights) with `model`: training the top trains the model.
+    At INPUT_CUT the stem passes its input through and the top is the whole model.
     """
+    if cut == INPUT_CUT:
+        return (keras.Model(model.input, model.input, name="stem"),
+                keras.Model(model.input, model.output, name="top"))
     cut_output = model.get_layer(cut).output
     stem = keras.Model(model.input, cut_output, name="stem")
     if cut == model.layers[-1].name:

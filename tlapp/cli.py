@@ -10,13 +10,26 @@ import traceback
 # TensorFlow's C++ start-up chatter is not for users; set before TF is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+
+def blocks(text: str) -> int | str:
+    """--trainable-blocks: a number or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
 TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
-    "backbone": (str, "backbone name (see 'tlapp backbones'); default resnet50"),
-    "weights": (str, "imagenet (default), none (random init) or PATH to a weights file"),
-    "cut": (str, "layer where the frozen stem ends (see 'tlapp backbones NAME')"),
-    "trainable_blocks": (lambda v: v if v == "all" else int(v),
-                         "leave the top N blocks trainable; 0 (default) trains only the head; "
-                         "'all' trains every layer on images (from scratch with --weights none)"),
+    "backbone": (str, "backbone name (see 'tlapp backbones') or PATH.keras; default resnet50"),
+    "weights": (str, "imagenet (default), none (random init) or PATH to a weights file; "
+                     "for a .keras backbone, saved (its own weights; imagenet means the same)"),
+    "cut": (str, "layer where the frozen stem ends (see 'tlapp backbones NAME'); "
+                 "'input' freezes nothing"),
+    "trainable_blocks": (blocks, "leave the top N blocks trainable; 0 trains only the head; "
+                                 "'all' trains every layer on images (default 0; 'all' for lenet5, alexnet)"),
     "image_size": (int, "square input size in pixels; default: the backbone's own"),
     "epochs": (int, "training epochs (default 10)"),
     "batch_size": (int, "batch size (default 32)"),
@@ -49,6 +62,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
     "jit": (bool, "compile training steps with XLA"),
     "augment": (str, "augmentation spec, e.g. flip,crop=0.875,rotate=15,color=20 (ops and "
                      "ranges: README 'Augmentation'); applied to live training and to cached views (--aug-views)"),
+    "preprocess": (str, "for a .keras backbone: none (default), caffe, tf or torch"),
 }
 
 
@@ -118,8 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="destination folder (default RUN/saved_model, "
                                       "RUN/saved_model_TTA or RUN/tflite)")
 
-    listing = commands.add_parser("backbones", help="list backbones, or one backbone's cut points")
-    listing.add_argument("name", nargs="?", metavar="NAME")
+    experiment = commands.add_parser(
+        "experiment", help="run a sweep of training runs from a TOML file",
+        description="Base settings plus a [sweep] table of lists (every combination) and/or "
+                    "[[runs]] entries. Runs share one feature cache; finished runs are "
+                    "skipped on a rerun; a failed run is recorded and the others continue. "
+                    "Writes OUT/<run>/, OUT/results.csv, OUT/results.md, OUT/plots/results.png.")
+    experiment.add_argument("config", metavar="CONFIG.toml", help="experiment file")
+    experiment.add_argument("--out", help="experiment folder (default: 'out' in the file, "
+                                          "else models/experiments/<file name>)")
+
+    listing = commands.add_parser(
+        "backbones", help="list backbones with parameters and MACs, or one's cut points")
+    listing.add_argument("name", nargs="?", metavar="NAME", help="backbone name or PATH.keras")
     listing.add_argument("--image-size", type=int, help="size for shapes and cache bytes")
 
     preview = commands.add_parser(
@@ -224,6 +249,12 @@ def cmd_export(args) -> int:
                                 quantize=args.quantize)
     print(f"exported {'TFLite model' if args.format == 'tflite' else 'SavedModel'} to {out}")
     return 0
+
+
+def cmd_experiment(args) -> int:
+    from tlapp import experiments
+
+    return experiments.run_experiment(args.config, out=args.out).exit_status
 
 
 def cmd_backbones(args) -> int:

@@ -25,8 +25,8 @@ class Config:
 
     data: str = ""
     backbone: str = "resnet50"
-    weights: str = "imagenet"  # imagenet | none | PATH to a weights file
-    cut: str | None = None  # layer name; the stem ends here
+    weights: str = "imagenet"  # imagenet | none | PATH to a weights file (| saved: .keras)
+    cut: str | None = None  # layer name; the stem ends here ("input": nothing frozen)
     trainable_blocks: int | str | None = None  # top blocks left trainable; 0 = head; "all"
     image_size: int | None = None
     epochs: int = 10
@@ -54,6 +54,7 @@ class Config:
     out: str | None = None
     seed: int = 0
     augment: str | None = None  # e.g. "flip,crop=0.875,rotate=15"; see augment_spec.OPS
+    preprocess: str | None = None  # none | caffe | tf | torch; for .keras backbones only
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))
@@ -82,6 +83,8 @@ def from_dict(values: dict[str, Any], source: str = "config") -> Config:
                 f"{source}: unknown key '{key}'. Valid keys: {', '.join(sorted(FIELDS))}."
             )
         want = _field_type(name)
+        if name == "trainable_blocks" and value == "all":
+            want = str
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if name == "trainable_blocks" and value == "all":
@@ -95,8 +98,8 @@ def from_dict(values: dict[str, Any], source: str = "config") -> Config:
     return validate(Config(**clean))
 
 
-def load_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a flat TOML config file into a dict (validated later by `from_dict`)."""
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a TOML file; a missing or malformed file is a UserInputError."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -105,6 +108,12 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise UserInputError(f"Config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserInputError(f"{path} is not valid TOML: {e}") from None
+    return values
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a flat TOML config file into a dict (validated later by `from_dict`)."""
+    values = read_toml(path)
     for key, value in values.items():
         if key == "augment" and isinstance(value, dict):
             values[key] = augment_table_to_spec(value, path)

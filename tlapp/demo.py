@@ -20,10 +20,11 @@ BACKBONE = "resnet50"  # its random-init pooled features still separate textures
 IMAGE_SIZE = 96
 
 
-def draw_texture(kind: str, rng: np.random.Generator, size: int = 128) -> Image.Image:
-    """One procedurally drawn texture with a jittered colour from its class's family,
-    a random dark background, and random scale, phase and angle."""
-    hue = (HUES[kind] + rng.uniform(-0.08, 0.08)) % 1.0
+def draw_texture(kind: str, rng: np.random.Generator, size: int = 128,
+                 hue: float | None = None) -> Image.Image:
+    """One procedurally drawn texture with a jittered colour from its class's family (or
+    from `hue`), a random dark background, and random scale, phase and angle."""
+    hue = ((HUES[kind] if hue is None else hue) + rng.uniform(-0.08, 0.08)) % 1.0
     foreground = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(
         hue, rng.uniform(0.5, 1.0), rng.uniform(0.6, 1.0)))
     background = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(

@@ -64,7 +64,7 @@ def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str | Non
     head_dense = keras.layers.Dense(num_classes, activation="softmax", name="probabilities",
                                     dtype="float32")
 
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base(preprocess(pixels)))
+    x = _pool(base(preprocess(pixels)), "avg_pool")
     full_model = keras.Model(pixels, head_dense(head_dropout(head_norm(x))),
                              name=f"tlapp_{spec.name}")
     pooled_pixels = keras.Model(pixels, x, name="pooled_pixels")
@@ -75,17 +75,24 @@ def build_models(spec: backbones.BackboneSpec, base: keras.Model, cut: str | Non
     stem, top = backbones.split_backbone(base, cut)
     features = stem(preprocess(pixels))
     if top is None:
-        features = keras.layers.GlobalAveragePooling2D(name="stem_pool")(features)
+        features = _pool(features, "stem_pool")
     stem_model = keras.Model(pixels, features, name="stem_model")
 
     cached = keras.Input(tuple(features.shape[1:]), name="features")
     x = cached
     if top is not None:
-        x = keras.layers.GlobalAveragePooling2D(name="top_pool")(top(x))
+        x = _pool(top(x), "top_pool")
     pooled_model = keras.Model(cached, x, name="pooled_features")
     train_model = keras.Model(cached, head_dense(head_dropout(head_norm(x))), name="train_model")
     return Models(stem_model, train_model, full_model, pooled_model, pooled_pixels, head_norm,
                   pooled=top is None)
+
+
+def _pool(x, name: str):
+    """Global average pooling for feature maps; vectors (classic nets' fc layers) pass as is."""
+    if len(x.shape) == 4:
+        return keras.layers.GlobalAveragePooling2D(name=name)(x)
+    return x if len(x.shape) == 2 else keras.layers.Flatten(name=name)(x)
 
 
 def adapt_head(models: Models, pooled_batches) -> None:

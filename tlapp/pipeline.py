@@ -160,7 +160,7 @@ def run(config: Config, verbose: bool = True, resume: bool = False) -> Run:
     checkpoint (see `resume_config`).
     """
     start = time.perf_counter()
-    spec = backbones.get_spec(config.backbone)
+    spec = backbones.get_spec(config.backbone, config.preprocess)
     cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     out = Path(config.out or default_out(spec.name)).expanduser()
     temp = partial_dir(out)
@@ -198,16 +198,17 @@ def _train(config: Config, spec: backbones.BackboneSpec, scanned: data_lib.Scann
            cache_dir: Path, out: Path, temp: Path, timings: dict, verbose: bool) -> Run:
     image_size = config.image_size or spec.default_size
     base = backbones.build_backbone(spec, config.weights, image_size, config.seed)
-    scratch = config.trainable_blocks == "all"
-    cut = None if scratch else backbones.resolve_cut(spec, base, config.cut,
-                                                     config.trainable_blocks)
+    cut = backbones.resolve_cut(spec, base, config.cut, config.trainable_blocks)
+    scratch = cut == backbones.INPUT_CUT  # every layer trains, on images
+    cut = None if scratch else cut
     fine_tune_cut = backbones.resolve_fine_tune_cut(
         spec, base, cut, config.fine_tune_blocks, config.fine_tune_cut) \
         if config.fine_tune_epochs else None
     resolved = config.replace(
         data=config.data if config.data.startswith("tfds:") else str(scanned.root.resolve()),
         image_size=image_size, cut=cut, trainable_blocks="all" if scratch else None,
-        cache_dir=str(cache_dir.resolve()), out=str(out.resolve()))
+        cache_dir=str(cache_dir.resolve()), out=str(out.resolve()),
+        **backbones.resolved_source(spec, config.weights))
     temp.mkdir(parents=True, exist_ok=True)
     (temp / "config.toml").write_text(config_lib.to_toml(resolved))
     (temp / "labels.txt").write_text("\n".join(scanned.classes) + "\n")
