@@ -26,13 +26,14 @@ def test_scan_finds_classes_splits_and_skips(image_folder):
 
     assert scanned.classes == ["cat", "dog", "fox"]
     assert len(scanned.samples) == 25
-    assert {s["path"]: s["reason"].split(":")[0] for s in scanned.skipped} == {
-        "cat/broken.jpg": "cannot decode", "dog/empty.png": "empty file"}
+    assert {s["path"]: s["reason"] for s in scanned.skipped} == {
+        "cat/broken.jpg": "not an image", "dog/empty.png": "empty"}
     assert sorted(scanned.ignored) == ["README.md", "dog/.DS_Store", "fox/notes.txt"]
     nested = next(s for s in scanned.samples if s.path.endswith("Fox Ä.JPG"))
     assert nested.label == 2
     counts = scanned.counts()
-    assert counts["found"] == 27 and counts["used"] == 25 and counts["skipped"] == 2
+    assert counts["found"] == 30 and counts["used"] == 25 and counts["skipped"] == 2
+    assert counts["ignored"] == 3
     for label in range(3):
         assert {s.split for s in scanned.samples if s.label == label} == {"train", "val", "test"}
     split = scanned.split_json()

@@ -25,6 +25,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
     "cache_dir": (str, "feature cache folder (default $TLAPP_CACHE_DIR, else ~/.cache/tlapp)"),
     "out": (str, "run folder to write (default models/BACKBONE-TIME)"),
     "seed": (int, "random seed (default 0)"),
+    "max_pixels": (int, "skip images larger than this many pixels (default 200000000)"),
+    "class_weight": (str, "none (default) or auto: weight the loss by inverse class frequency"),
 }
 
 

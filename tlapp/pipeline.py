@@ -16,6 +16,7 @@ import numpy as np
 from tlapp import backbones, cache as cache_lib, config as config_lib, data as data_lib
 from tlapp import evaluation, exporting, head, report, training
 from tlapp.config import Config, UserInputError
+from tlapp.decoding import decode_file_bytes, describe_error
 
 
 @dataclasses.dataclass
@@ -77,13 +78,13 @@ def predict(runs: list[Run], images: list[str], top_k: int = 5,
         try:
             raw = Path(path).read_bytes()
             for run in runs:
-                pixels[run.path].append(data_lib.decode_image(raw, run.image_size).numpy())
+                pixels[run.path].append(decode_file_bytes(raw, run.image_size,
+                                                          run.config.max_pixels))
             results.append({"path": path})
         except OSError as e:
             results.append({"path": path, "error": f"cannot read: {e.strerror or e}"})
         except Exception as e:  # TF decode errors
-            message = getattr(e, "message", str(e)).splitlines()[0]
-            results.append({"path": path, "error": f"cannot decode: {message}"})
+            results.append({"path": path, "error": f"cannot decode: {describe_error(e)}"})
     readable = [r for r in results if "error" not in r]
     if readable:
         probabilities = np.mean([run.model.predict(np.stack(pixels[run.path]),
@@ -132,7 +133,8 @@ def run(config: Config, verbose: bool = True) -> Run:
     data_root = data_lib.resolve_data(config.data, cache_dir, verbose=verbose)
 
     scanned = data_lib.scan_folder(data_root, config.val_fraction, config.test_fraction,
-                                   verbose=verbose)
+                                   verbose=verbose, max_pixels=config.max_pixels,
+                                   cache_dir=cache_dir)
     timings["scan_s"] = time.perf_counter() - start
 
     base = backbones.build_backbone(spec, config.weights, image_size, config.seed)
@@ -171,9 +173,12 @@ def run(config: Config, verbose: bool = True) -> Run:
     temp.mkdir(parents=True)
     tick = time.perf_counter()
     head.adapt_head(models, train_set[0])
+    class_weight = training.balanced_class_weights(train_set[1], len(scanned.classes)) \
+        if config.class_weight == "auto" else None
     history = training.fit_on_features(models.train, train_set, val_set, config.epochs,
                                         config.batch_size, config.lr, config.seed,
-                                        log_dir=temp / "logs", verbose=verbose)
+                                        log_dir=temp / "logs", verbose=verbose,
+                                        class_weight=class_weight)
     timings["train_s"] = time.perf_counter() - tick
 
     results = {}
@@ -184,6 +189,7 @@ def run(config: Config, verbose: bool = True) -> Run:
         "val_accuracy": results["val"]["accuracy"],
         "test_accuracy": results["test"]["accuracy"],
         "counts": scanned.counts(),
+        "class_weight": class_weight and [class_weight[i] for i in range(len(scanned.classes))],
         "cache": cache_stats | {"entry": feature_cache.dir.name},
         "val": results["val"],
         "test": results["test"],

@@ -21,8 +21,10 @@ def feature_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int,
 def fit_on_features(model: keras.Model, train: tuple[np.ndarray, np.ndarray],
                     val: tuple[np.ndarray, np.ndarray], epochs: int, batch_size: int,
                     lr: float, seed: int, log_dir: Path | None = None,
-                    verbose: bool = True) -> list[dict]:
-    """Trains `model` on (features, labels) and returns one history row per epoch."""
+                    verbose: bool = True, class_weight: dict[int, float] | None = None
+                    ) -> list[dict]:
+    """Trains `model` on (features, labels) and returns one history row per epoch.
+    `class_weight` (class index -> loss weight) is passed to `model.fit`."""
     keras.utils.set_random_seed(seed)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
@@ -30,6 +32,7 @@ def fit_on_features(model: keras.Model, train: tuple[np.ndarray, np.ndarray],
     callbacks = [keras.callbacks.TensorBoard(str(log_dir))] if log_dir else []
     history = model.fit(feature_dataset(*train, batch_size, shuffle_seed=seed),
                         validation_data=validation, epochs=epochs, callbacks=callbacks, shuffle=False,
+                        class_weight=class_weight,
                         verbose=1 if verbose else 0)
     rows = []
     for epoch in range(len(history.epoch)):
@@ -38,6 +41,14 @@ def fit_on_features(model: keras.Model, train: tuple[np.ndarray, np.ndarray],
                 if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
         rows.append(row)
     return rows
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Weights n / (classes * n_class), so every class contributes equally to the loss
+    (a class absent from `labels` gets 1)."""
+    counts = np.bincount(labels, minlength=num_classes)
+    return {i: float(len(labels) / (num_classes * n)) if n else 1.0
+            for i, n in enumerate(counts)}
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
