@@ -59,7 +59,8 @@ class ScannedData:
         counts |= {name: len(self.split(name)) for name in SPLITS}
         reasons = collections.Counter(item["reason"] for item in self.skipped)
         return counts | {"duplicates": self.duplicates,
-                         "skipped_by_reason": dict(reasons.most_common()),
+                         "skipped_by_reason": dict(sorted(reasons.items(),
+                                                          key=lambda kv: (-kv[1], kv[0]))),
                          "per_class": {name: sum(s.label == i for s in self.samples)
                                        for i, name in enumerate(self.classes)}}
 
@@ -228,16 +229,12 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
 def _split_samples(usable: list[tuple[_Candidate, str]], classes: list[str],
                    split_roots: dict, val_fraction: float, test_fraction: float,
                    data: ScannedData) -> list[Sample]:
-    """Assigns splits by content hash; identical files share one split (the split of a
-    val/ or test/ folder holding a copy, else the first class's). Notes duplicates and
-    warnings on `data`."""
+    """Assigns splits by content hash, so identical files share one split (across classes:
+    the first class's). Given val/ and test/ folders are used as they are; copies between
+    given splits are only reported. Notes duplicates and warnings on `data`."""
     fractions = {name: 0.0 if name in split_roots else f
                  for name, f in (("val", val_fraction), ("test", test_fraction))}
-    fixed = {}
-    for c, digest in usable:
-        if c.given in ("val", "test"):
-            fixed.setdefault(digest, c.given)
-    chosen, split_of = dict(fixed), {}
+    chosen, split_of = {}, {}
     for label in range(len(classes)):
         mine = [(c, d) for c, d in usable if c.label == label and c.given in (None, "train")]
         assigned = assign_splits([d for _, d in mine], fractions["val"], fractions["test"])
@@ -256,8 +253,8 @@ def _split_samples(usable: list[tuple[_Candidate, str]], classes: list[str],
                              f"one class folder: their labels conflict")
     leaks = sum(len(v - {None}) > 1 for v in given.values())
     if leaks:
-        data.warnings.append(f"{leaks} image(s) appear in more than one of train/, val/ and "
-                             f"test/: the given splits overlap")
+        data.warnings.append(f"{leaks} image(s) appear in more than one of the given train/, "
+                             f"val/ and test/ folders: the splits overlap (kept as given)")
     for label, name in enumerate(classes):
         count = sum(s.label == label for s in samples)
         if count < MIN_CLASS_IMAGES:

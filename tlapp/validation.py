@@ -162,7 +162,8 @@ def check_files(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS,
                 data = path.read_bytes()
                 digest = hashlib.sha256(data).hexdigest()
                 if store:
-                    store.files[os.path.abspath(path)] = [stat.st_size, stat.st_mtime_ns, digest, started]
+                    store.files[os.path.abspath(path)] = [stat.st_size, stat.st_mtime_ns,
+                                                          digest, started]
                 stored = store.results.get(digest) if store else None
                 if stored is None or _verdict(stored, max_pixels) is None:
                     stored = check_image(data, max_pixels)
