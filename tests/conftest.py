@@ -64,3 +64,13 @@ def trained_run(tmp_path_factory):
                       batch_size=8, cache_dir=str(base / "cache"), out=str(base / "run"),
                       verbose=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def huge_jpeg() -> bytes:
+    """A valid 14000x13000 grayscale JPEG (2 MB on disk; built once, 182 MB while encoding)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("L", (14000, 13000), 128).save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()

@@ -1,10 +1,8 @@
 import errno
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np

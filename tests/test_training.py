@@ -5,7 +5,7 @@ import pytest
 
 import tlapp
 from tests.conftest import make_folder
-from tlapp import cli, data as data_lib, pipeline, training
+from tlapp import cli, data as data_lib, training
 
 
 class Killed(BaseException):

@@ -42,7 +42,7 @@ def weights_identity(model: keras.Model) -> str:
 
 
 def entry_key(**fields) -> dict:
-    return {"format": FORMAT_VERSION, "decoder": "decode_image+bilinear_antialias", **fields}
+    return {"format": FORMAT_VERSION, "decoder": data_lib.DECODER_VERSION, **fields}
 
 
 def entry_dir(cache_dir: Path, key: dict) -> Path:

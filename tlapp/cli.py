@@ -63,6 +63,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each is also a key of the TOML config
     "augment": (str, "augmentation spec, e.g. flip,crop=0.875,rotate=15,color=20 (ops and "
                      "ranges: README 'Augmentation'); applied to live training and to cached views (--aug-views)"),
     "preprocess": (str, "for a .keras backbone: none (default), caffe, tf or torch"),
+    "max_pixels": (int, "skip images larger than this many pixels (default 200000000)"),
+    "class_weight": (str, "none (default) or auto: weight the loss by inverse class frequency"),
 }
 
 

@@ -59,6 +59,8 @@ class Config:
     seed: int = 0
     augment: str | None = None  # e.g. "flip,crop=0.875,rotate=15"; see augment_spec.OPS
     preprocess: str | None = None  # none | caffe | tf | torch; for .keras backbones only
+    max_pixels: int = 200_000_000  # larger images (decompression bombs) are skipped
+    class_weight: str = "none"  # none | auto: weight the loss by inverse class frequency
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))
@@ -161,6 +163,8 @@ def validate(config: Config) -> Config:
     check(config.val_fraction + config.test_fraction < 1, "test_fraction",
           "such that val_fraction + test_fraction < 1")
     check(config.image_size is None or config.image_size >= 1, "image_size", "positive")
+    check(config.max_pixels >= 1, "max_pixels", "at least 1")
+    check(config.class_weight in ("none", "auto"), "class_weight", "'none' or 'auto'")
     check(config.trainable_blocks in (None, "all") or (
         isinstance(config.trainable_blocks, int) and config.trainable_blocks >= 0),
         "trainable_blocks", "0 or more, or 'all'")

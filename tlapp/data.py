@@ -1,21 +1,31 @@
-"""Image folders: scan, decode-validation, stable hash split, tf.data readers, TFDS source."""
+"""Image folders: scan, validation (see `validation`), stable content-hash split, tf.data
+readers; `tfds:NAME` via `tfds_source`. Pixels come from `tlapp.decoding.decode_image`,
+re-exported here as `decode_image`."""
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import dataclasses
 import glob
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
-import keras
 import tensorflow as tf
 
+from tlapp import validation
 from tlapp.config import UserInputError
+from tlapp.decoding import DECODER_VERSION, DEFAULT_MAX_PIXELS, decode_image  # noqa: F401
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+# Decoded by content, whatever the extension says; matched without regard to case.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp")
+# Images tlapp does not read: checked anyway (a PNG named .tif is used), else skipped with
+# reason "unsupported format" so that they are listed rather than silently ignored.
+OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl",
+                          ".ico", ".icns", ".psd", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
+                          ".dds", ".pcx", ".svg", ".dng", ".cr2", ".nef", ".arw")
+SYSTEM_NAMES = ("thumbs.db", "desktop.ini", "__macosx")  # plus every name starting with "."
 SPLITS = ("train", "val", "test")
+MIN_CLASS_IMAGES = 3  # fewer cannot fill train, val and test
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +33,7 @@ class Sample:
     path: str  # relative to the data root, with forward slashes
     label: int
     split: str
-    sha256: str  # content hash: the feature cache's row key
+    sha256: str  # content hash: the feature cache's row key and the split key
 
 
 @dataclasses.dataclass
@@ -33,38 +43,41 @@ class ScannedData:
     root: Path
     classes: list[str]
     samples: list[Sample]
-    skipped: list[dict]  # {"path": relative path, "reason": why it was not used}
+    skipped: list[dict]  # {"path", "reason" (short category), "detail"}
     ignored: list[str]  # hidden, system and non-image files
+    duplicates: int = 0  # used files whose content another used file already has
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
 
-    def counts(self) -> dict[str, int]:
-        counts = {"found": len(self.samples) + len(self.skipped), "used": len(self.samples),
-                  "skipped": len(self.skipped), "ignored": len(self.ignored)}
-        return counts | {name: len(self.split(name)) for name in SPLITS}
+    def counts(self) -> dict:
+        """found = used + skipped + ignored: every file under the data folder."""
+        counts = {"found": len(self.samples) + len(self.skipped) + len(self.ignored),
+                  "used": len(self.samples), "skipped": len(self.skipped),
+                  "ignored": len(self.ignored)}
+        counts |= {name: len(self.split(name)) for name in SPLITS}
+        reasons = collections.Counter(item["reason"] for item in self.skipped)
+        return counts | {"duplicates": self.duplicates,
+                         "skipped_by_reason": dict(sorted(reasons.items(),
+                                                          key=lambda kv: (-kv[1], kv[0]))),
+                         "per_class": {name: sum(s.label == i for s in self.samples)
+                                       for i, name in enumerate(self.classes)}}
 
     def split_json(self) -> dict:
         return {name: [s.path for s in self.split(name)] for name in SPLITS} | {
-            "skipped": self.skipped}
+            "skipped": self.skipped, "ignored": self.ignored}
 
 
-def decode_image(data: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded file bytes -> float32 RGB pixels in [0, 255], resized to a square.
+def image_dataset(paths: list[str], image_size: int, batch_size: int,
+                  max_pixels: int | None = None) -> tf.data.Dataset:
+    """Batches of decoded, resized pixels, read and decoded in parallel and prefetched.
 
-    The training pipeline, `tlapp predict` and the exported SavedModel all call this,
-    so they see identical pixels.
+    `max_pixels` is None by default: the files come from a scan that already applied it.
     """
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
-    return tf.ensure_shape(image, [image_size, image_size, 3])
-
-
-def image_dataset(paths: list[str], image_size: int, batch_size: int) -> tf.data.Dataset:
-    """Batches of decoded, resized pixels, read and decoded in parallel and prefetched."""
     return (
         tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
-        .map(lambda p: decode_image(tf.io.read_file(p), image_size),
+        .map(lambda p: decode_image(tf.io.read_file(p), image_size, max_pixels),
              num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch_size)
         .prefetch(tf.data.AUTOTUNE)
@@ -72,11 +85,12 @@ def image_dataset(paths: list[str], image_size: int, batch_size: int) -> tf.data
 
 
 def _is_ignored(name: str) -> bool:
-    return name.startswith(".") or name.lower() in ("thumbs.db", "desktop.ini")
+    return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
 def _list_files(folder: Path) -> list[Path]:
-    """Every file under `folder`, following symlinks without looping."""
+    """Every file under `folder`, following symlinks; a folder reached twice (a symlink
+    loop, or two links to one place) is listed once."""
     files, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -84,7 +98,7 @@ def _list_files(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_ignored(d))
+        dirnames.sort()
         files += [Path(dirpath) / name for name in sorted(filenames)]
     return files
 
@@ -93,48 +107,20 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_ignored(p.name))
 
 
-def check_image(path: Path) -> tuple[str | None, str | None]:
-    """Decodes one file with the decoder training uses. Returns (sha256, None) or (None, reason)."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return None, f"cannot read: {e.strerror or e}"
-    if not data:
-        return None, "empty file"
-    try:
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-        return None, f"cannot decode: {e.message.splitlines()[0]}"
-    if min(image.shape[:2]) < 1:
-        return None, "image has no pixels"
-    return hashlib.sha256(data).hexdigest(), None
+def hash_fraction(key: str) -> float:
+    """A stable number in [0, 1) from a string: a file's split never depends on other files."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16) / 16**15
 
 
-def check_images(paths: list[Path], verbose: bool = True) -> list[tuple[str | None, str | None]]:
-    """`check_image` over many files in parallel threads (TF's decoders release the GIL)."""
-    results = []
-    bar = keras.utils.Progbar(len(paths), unit_name="image") if verbose and paths else None
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
-        for result in pool.map(check_image, paths):
-            results.append(result)
-            if bar and (len(results) % 64 == 0 or len(results) == len(paths)):
-                bar.update(len(results))
-    return results
+def assign_splits(keys: list[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
+    """Stable hash split of one class's files (keyed by content hash, or any string), with
+    at least one val and one test file whenever the class has 3 or more.
 
-
-def hash_fraction(relative_path: str) -> float:
-    """A stable number in [0, 1) from a file's relative path: its split never depends on other files."""
-    return int(hashlib.sha256(relative_path.encode()).hexdigest()[:15], 16) / 16**15
-
-
-def assign_splits(paths: list[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
-    """Stable hash split of one class's files, with at least one val and one test file
-    whenever the class has 3 or more files.
-
-    A file's split depends only on its own path, except in a class the hash left without a
-    train, val or test file: there one file is moved from a split that can spare one (train
-    first, lowest hash first). Adding files to a class that needed no filling moves nothing.
+    A key's split depends only on itself, except in a class the hash left without a train,
+    val or test file: there one key is moved from a split that can spare one (train first,
+    lowest hash first). Adding keys to a class that needed no filling moves nothing.
     """
+    paths = list(dict.fromkeys(keys))
     u = {p: hash_fraction(p) for p in paths}
     split = {p: "test" if u[p] < test_fraction else
              "val" if u[p] < test_fraction + val_fraction else "train" for p in paths}
@@ -151,12 +137,54 @@ def assign_splits(paths: list[str], val_fraction: float, test_fraction: float) -
     return split
 
 
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    path: str
+    label: int
+    given: str | None  # the split folder it is in (presplit layout), else None
+
+
+def _find_candidates(root: Path, split_roots: dict[str, Path], classes: list[str]
+                     ) -> tuple[list[_Candidate], list[str]]:
+    """Every file under `root`: a candidate image of a class, or ignored."""
+    known = set(classes)
+    for given, split_root in split_roots.items():
+        for folder in _class_folders(split_root):
+            if folder.name not in known:
+                raise UserInputError(f"{folder} is a class that {root / 'train'} does not have. "
+                                     f"Every split must use the classes of train/.")
+    candidates, ignored = [], []
+    for file in _list_files(root):
+        relative = file.relative_to(root).as_posix()
+        parts = relative.split("/")
+        given = parts[0] if split_roots.keys() != {""} else None
+        where = parts[1:] if given else parts
+        usable = (given is None or given in split_roots) and len(where) >= 2 and \
+            where[0] in known and not any(_is_ignored(part) for part in parts) and \
+            file.suffix.lower() in IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS
+        if usable:
+            candidates.append(_Candidate(relative, classes.index(where[0]), given))
+        else:
+            ignored.append(relative)
+    found = collections.Counter((c.given, c.label) for c in candidates)
+    for given, split_root in split_roots.items():
+        for folder in _class_folders(split_root):
+            if given in ("", "train") and not found[given or None, classes.index(folder.name)]:
+                raise UserInputError(
+                    f"Class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
+                    f"Add images or remove the folder.")
+    return candidates, ignored
+
+
 def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                verbose: bool = True) -> ScannedData:
+                verbose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+                cache_dir: str | os.PathLike | None = None) -> ScannedData:
     """Finds, validates and splits the images of a class-per-subfolder tree.
 
     `root` holds one folder per class, or `train/` (and optionally `val/`, `test/`)
-    each laid out so; a split that is not given is carved out of train by hash.
+    each laid out so; a split that is not given is carved out of train by content hash,
+    so identical files always share a split. Images in nested folders belong to their
+    top-level class folder. Check results are cached under `cache_dir` when given.
 
     Raises:
         UserInputError: missing folder, fewer than 2 classes, or a class with no usable image.
@@ -174,70 +202,95 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
             f"{split_roots.get('train', root)} has {len(classes)} class folder(s) "
             f"({', '.join(classes) or 'none'}); tlapp needs at least 2: put each class's "
             f"images in its own subfolder.")
-
-    candidates, ignored = [], []  # candidates: (relative path, label, given split)
-    for given, split_root in split_roots.items():
-        for folder in _class_folders(split_root):
-            if folder.name not in classes:
-                raise UserInputError(f"{folder} is a class that {root / 'train'} does not have. "
-                                     f"Every split must use the classes of train/.")
-            label = classes.index(folder.name)
-            found = 0
-            for file in _list_files(folder):
-                relative = file.relative_to(root).as_posix()
-                if _is_ignored(file.name) or file.suffix.lower() not in IMAGE_EXTENSIONS:
-                    ignored.append(relative)
-                else:
-                    candidates.append((relative, label, given or None))
-                    found += 1
-            if found == 0 and given in ("", "train"):
-                raise UserInputError(f"Class folder {folder} holds no images "
-                                     f"({', '.join(IMAGE_EXTENSIONS)}). Add images or remove it.")
-        for file in split_root.iterdir():
-            if file.is_file():
-                ignored.append(file.relative_to(root).as_posix())
+    candidates, ignored = _find_candidates(root, split_roots, classes)
 
     if verbose:
         print(f"scan: {len(candidates)} images in {len(classes)} classes under {root}; "
               f"checking they decode")
-    checks = check_images([root / c[0] for c in candidates], verbose=verbose)
-    skipped = [{"path": c[0], "reason": reason} for c, (_, reason) in zip(candidates, checks)
-               if reason]
-    usable = [(c, digest) for c, (digest, _) in zip(candidates, checks) if digest]
-
-    fractions = {"val": val_fraction, "test": test_fraction}
-    samples = []
+    checks = validation.check_files([root / c.path for c in candidates], max_pixels,
+                                    cache_dir, verbose)
+    skipped = [{"path": c.path, "reason": r["reason"], "detail": r["detail"]}
+               for c, r in zip(candidates, checks) if r["reason"]]
+    usable = [(c, r["sha256"]) for c, r in zip(candidates, checks) if not r["reason"]]
     for label, name in enumerate(classes):
-        mine = [(c, d) for c, d in usable if c[1] == label]
-        if not mine:
-            raise UserInputError(f"Class '{name}' has no image that decodes; see the skipped "
-                                 f"files above. Fix or remove the folder.")
-        to_split = [c[0] for c, _ in mine if c[2] in (None, "train")]
-        assigned = assign_splits(to_split, *(0 if s in split_roots else fractions[s]
-                                             for s in ("val", "test")))
-        samples += [Sample(c[0], label, c[2] if c[2] not in (None, "train") else assigned[c[0]], d)
-                    for c, d in mine]
-    data = ScannedData(root, classes, samples, skipped, ignored)
+        if not any(c.label == label for c, _ in usable):
+            mine = [f"{c.path} ({r['reason']})" for c, r in zip(candidates, checks)
+                    if c.label == label][:3]
+            raise UserInputError(f"Class '{name}' has no image that decodes: "
+                                 f"{', '.join(mine)}. Fix or remove the folder.")
+    data = ScannedData(root, classes, [], skipped, ignored)
+    data.samples = _split_samples(usable, classes, split_roots, val_fraction, test_fraction,
+                                  data)
     if verbose:
         report_scan(data)
     return data
 
 
-def report_scan(data: ScannedData) -> None:
-    """One summary of what was found, used, skipped and ignored."""
+def _split_samples(usable: list[tuple[_Candidate, str]], classes: list[str],
+                   split_roots: dict, val_fraction: float, test_fraction: float,
+                   data: ScannedData) -> list[Sample]:
+    """Assigns splits by content hash, so identical files share one split (across classes:
+    the first class's). Given val/ and test/ folders are used as they are; copies between
+    given splits are only reported. Notes duplicates and warnings on `data`."""
+    fractions = {name: 0.0 if name in split_roots else f
+                 for name, f in (("val", val_fraction), ("test", test_fraction))}
+    chosen, split_of = {}, {}
+    for label in range(len(classes)):
+        mine = [(c, d) for c, d in usable if c.label == label and c.given in (None, "train")]
+        assigned = assign_splits([d for _, d in mine], fractions["val"], fractions["test"])
+        for c, digest in mine:
+            split_of[c.path] = chosen.setdefault(digest, assigned[digest])
+    samples = [Sample(c.path, c.label, split_of.get(c.path, c.given), d) for c, d in usable]
+
+    data.duplicates = len(samples) - len({s.sha256 for s in samples})
+    labels, given = collections.defaultdict(set), collections.defaultdict(set)
+    for c, digest in usable:
+        labels[digest].add(c.label)
+        given[digest].add(c.given)
+    conflicts = sum(len(v) > 1 for v in labels.values())
+    if conflicts:
+        data.warnings.append(f"{conflicts} image(s) appear with identical content in more than "
+                             f"one class folder: their labels conflict")
+    leaks = sum(len(v - {None}) > 1 for v in given.values())
+    if leaks:
+        data.warnings.append(f"{leaks} image(s) appear in more than one of the given train/, "
+                             f"val/ and test/ folders: the splits overlap (kept as given)")
+    for label, name in enumerate(classes):
+        count = sum(s.label == label for s in samples)
+        if count < MIN_CLASS_IMAGES:
+            data.warnings.append(f"class '{name}' has only {count} usable image(s): it cannot "
+                                 f"appear in train, val and test; add at least "
+                                 f"{MIN_CLASS_IMAGES - count} more")
+    return samples
+
+
+def scan_summary(data: ScannedData) -> str:
+    """`used X of Y files; skipped N: 5 truncated, 3 empty, ...; ignored M ...`."""
     counts = data.counts()
-    per_class = ", ".join(f"{name} {sum(s.label == i for s in data.samples)}"
-                          for i, name in enumerate(data.classes))
-    print(f"scan: {counts['used']} images used (train {counts['train']}, val {counts['val']}, "
-          f"test {counts['test']}); per class: {per_class}")
-    if data.ignored:
-        print(f"scan: ignored {len(data.ignored)} non-image or hidden files")
+    line = f"used {counts['used']:,} of {counts['found']:,} files"
     if data.skipped:
-        print(f"scan: skipped {len(data.skipped)} files that cannot be used:")
-        for item in data.skipped[:10]:
-            print(f"  {item['path']}: {item['reason']}")
-        if len(data.skipped) > 10:
-            print(f"  ... and {len(data.skipped) - 10} more (all listed in split.json)")
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in counts["skipped_by_reason"].items())
+        line += f"; skipped {counts['skipped']:,}: {reasons}"
+    if data.ignored:
+        line += f"; ignored {counts['ignored']:,} hidden, system or non-image files"
+    return line
+
+
+def report_scan(data: ScannedData) -> None:
+    """One summary of what was found, used, skipped and ignored, the classes and warnings."""
+    counts = data.counts()
+    print(f"scan: {scan_summary(data)}" + (" (all listed in split.json)" if data.skipped
+                                           else ""))
+    sizes = counts["per_class"]
+    ratio = max(sizes.values()) / max(1, min(sizes.values()))
+    print("scan: classes " + ", ".join(f"{name} {n:,}" for name, n in sizes.items())
+          + (f" (largest/smallest {ratio:.1f}x; consider --class-weight auto)"
+             if ratio >= 3 else ""))
+    print(f"scan: split train {counts['train']:,}, val {counts['val']:,}, "
+          f"test {counts['test']:,}" + (f"; {data.duplicates:,} duplicate files, each kept in "
+                                        f"the split of its copies" if data.duplicates else ""))
+    for warning in data.warnings:
+        print(f"scan: warning: {warning}")
 
 
 def expand_inputs(items: list[str]) -> list[str]:
@@ -261,56 +314,8 @@ def expand_inputs(items: list[str]) -> list[str]:
 def resolve_data(data: str, cache_dir: Path, verbose: bool = True) -> Path:
     """The image folder for DATA: the folder itself, or a TFDS dataset written out as one."""
     if data.startswith("tfds:"):
-        return materialize_tfds(data[len("tfds:"):], Path(cache_dir) / "tfds", verbose)
+        from tlapp import tfds_source
+
+        return tfds_source.materialize_tfds(data[len("tfds:"):], Path(cache_dir) / "tfds",
+                                            verbose)
     return Path(data).expanduser()
-
-
-def materialize_tfds(name: str, root: Path, verbose: bool = True) -> Path:
-    """Writes a TFDS image-classification dataset once as PNG files in train/val/test folders.
-
-    The folder is then scanned, split and cached like any user folder, so every other step
-    has one code path. Written to a temporary folder and renamed when complete.
-    """
-    import tensorflow_datasets as tfds  # imported here: slow, and only needed for tfds:
-
-    folder = root / name.replace("/", "_").replace(":", "_")
-    if folder.is_dir():
-        return folder
-    try:
-        builder = tfds.builder(name)
-        builder.download_and_prepare()
-    except Exception as e:  # unknown name, no network, ...
-        raise UserInputError(f"Could not load TFDS dataset '{name}': {str(e).splitlines()[0]} "
-                             f"Check the name (tfds.list_builders()) and the network, or use a "
-                             f"local image folder.") from None
-    info = builder.info
-    if "image" not in info.features or "label" not in info.features:
-        raise UserInputError(f"TFDS dataset '{name}' has no 'image' and 'label' features; "
-                             f"tlapp reads image classification datasets.")
-    classes = info.features["label"].names
-    width = len(str(len(classes) - 1))
-    class_names = [f"{i:0{width}d}_{c}".replace("/", "_") for i, c in enumerate(classes)]
-    temp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(temp, ignore_errors=True)
-    written = 0
-    for split in list(info.splits) or ["train", "validation", "test"]:
-        target = {"validation": "val"}.get(split, split)
-        if target not in SPLITS:
-            continue
-        try:
-            dataset = builder.as_dataset(split=split)
-        except (ValueError, KeyError):  # the dataset has no such split
-            continue
-        for name_ in class_names:
-            (temp / target / name_).mkdir(parents=True, exist_ok=True)
-        if verbose:
-            print(f"tfds: writing {name} {split} as PNG files under {folder}")
-        for i, example in enumerate(dataset):
-            png = tf.io.encode_png(example["image"]).numpy()
-            label = int(example["label"])
-            (temp / target / class_names[label] / f"{i:07d}.png").write_bytes(png)
-            written += 1
-    if not (temp / "train").is_dir() or not written:
-        raise UserInputError(f"TFDS dataset '{name}' has no 'train' split with images.")
-    temp.rename(folder)
-    return folder

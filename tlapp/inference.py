@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tlapp import data as data_lib
+from tlapp import decoding
 from tlapp.config import UserInputError
 
 TTA_MODES = ("none", "flip", "10crop")
@@ -130,10 +130,9 @@ def _read_and_decode(path: str, sizes: list[int]) -> tuple[list[np.ndarray] | No
     except OSError as e:
         return None, f"cannot read: {e.strerror or e}"
     try:
-        return [data_lib.decode_image(raw, size).numpy() for size in sizes], None
+        return [decoding.decode_file_bytes(raw, size) for size in sizes], None
     except Exception as e:  # TF decode errors
-        message = getattr(e, "message", str(e)).splitlines()[0]
-        return None, f"cannot decode: {message}"
+        return None, f"cannot decode: {decoding.describe_error(e)}"
 
 
 def predict_files(members: list[Member], paths: list[str], tta: str = "none",

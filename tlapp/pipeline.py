@@ -173,7 +173,8 @@ def run(config: Config, verbose: bool = True, resume: bool = False) -> Run:
         raise UserInputError("No data given: pass an image folder (or tfds:NAME) as DATA.")
     data_root = data_lib.resolve_data(config.data, cache_dir, verbose=verbose)
     scanned = data_lib.scan_folder(data_root, config.val_fraction, config.test_fraction,
-                                   verbose=verbose)
+                                   verbose=verbose, max_pixels=config.max_pixels,
+                                   cache_dir=cache_dir)
     timings = {"scan_s": time.perf_counter() - start}
     policy = keras.mixed_precision.global_policy()
     if config.mixed_precision:
@@ -245,7 +246,8 @@ def _train(config: Config, spec: backbones.BackboneSpec, scanned: data_lib.Scann
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
         optimizer=config.optimizer, lr_schedule=config.lr_schedule,
         label_smoothing=config.label_smoothing, early_stopping=config.early_stopping,
-        jit=config.jit)
+        jit=config.jit, class_weight=training.balanced_class_weights(labels["train"], classes)
+        if config.class_weight == "auto" else None)
     checkpoint = training.Checkpoint(temp / "checkpoints", models.full)
     fit = dict(checkpoint=checkpoint, log_dir=temp / "logs", verbose=verbose)
     tick = time.perf_counter()
@@ -313,6 +315,8 @@ def _train(config: Config, spec: backbones.BackboneSpec, scanned: data_lib.Scann
         "val_accuracy": results["val"]["accuracy"],
         "test_accuracy": results["test"]["accuracy"],
         "counts": scanned.counts(),
+        "class_weight": settings.class_weight and [settings.class_weight[i]
+                                                   for i in range(classes)],
         "cache": cache_stats,
         "val": results["val"],
         "test": results["test"],

@@ -87,6 +87,14 @@ def evaluation_batches(load: Callable, n: int, batch_size: int, parallel: bool =
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Weights n / (classes * n_class), so every class contributes equally to the loss
+    (a class absent from `labels` gets 1)."""
+    counts = np.bincount(labels, minlength=num_classes)
+    return {i: float(len(labels) / (num_classes * n)) if n else 1.0
+            for i, n in enumerate(counts)}
+
+
 def make_optimizer(settings: Settings, steps: int) -> keras.optimizers.Optimizer:
     lr = settings.lr
     if settings.lr_schedule == "cosine":
