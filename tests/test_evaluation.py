@@ -220,7 +220,7 @@ def test_predict_streams_a_large_folder_in_chunks(trained_run, monkeypatch):
     original = inference._read_and_decode
     monkeypatch.setattr(inference, "_read_and_decode",
                         lambda path, sizes: decoded.append(path) or original(path, sizes))
-    results = tlapp.pipeline.iter_predictions(trained_run, [str(folder)], batch_size=2)
+    results = tlapp.runs.iter_predictions(trained_run, [str(folder)], batch_size=2)
     first = next(results)
     assert len(decoded) == 8  # one chunk of 4 batches, not the 24 files
     rest = list(results)

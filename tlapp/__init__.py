@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 _API = {
     "Config": ("tlapp.config", "Config"),
     "UserInputError": ("tlapp.config", "UserInputError"),
-    "Run": ("tlapp.pipeline", "Run"),
+    "Run": ("tlapp.runs", "Run"),
     "train": ("tlapp.pipeline", "train"),
-    "evaluate": ("tlapp.pipeline", "evaluate_run"),
-    "predict": ("tlapp.pipeline", "predict"),
-    "load_run": ("tlapp.pipeline", "load_run"),
+    "evaluate": ("tlapp.runs", "evaluate_run"),
+    "predict": ("tlapp.runs", "predict"),
+    "load_run": ("tlapp.runs", "load_run"),
     "export": ("tlapp.exporting", "export_saved_model"),
 }
 __all__ = sorted(_API)

@@ -201,10 +201,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from tlapp import pipeline
+    from tlapp import runs
 
     paths = ([args.run] if args.run else []) + (args.model or [])
-    result = pipeline.evaluate_run(paths, data=args.data, tta=args.tta, out=args.out,
+    result = runs.evaluate_run(paths, data=args.data, tta=args.tta, out=args.out,
                                    batch_size=args.batch_size)
     top5 = f", top-5 accuracy {result['top5_accuracy']:.4f}" if "top5_accuracy" in result else ""
     print(f"accuracy {result['accuracy']:.4f}{top5} on {result['count']} images "
@@ -219,11 +219,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from tlapp import pipeline
+    from tlapp import runs
 
-    runs = [pipeline.load_run(path) for path in args.model]
+    runs = [runs.load_run(path) for path in args.model]
     readable = False
-    for result in pipeline.iter_predictions(runs, args.images, top_k=args.top_k,
+    for result in runs.iter_predictions(runs, args.images, top_k=args.top_k,
                                             batch_size=args.batch_size, tta=args.tta):
         readable = readable or "predictions" in result
         if args.json:
@@ -240,13 +240,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tlapp import exporting, pipeline
+    from tlapp import exporting, runs
     from tlapp.config import UserInputError
 
     paths = ([args.run] if args.run else []) + (args.ensemble or [])
     if not paths:
         raise UserInputError("Nothing to export: give RUN, or --ensemble RUN1 RUN2 ... --out DIR.")
-    runs = [pipeline.load_run(path) for path in paths]
+    runs = [runs.load_run(path) for path in paths]
     out = exporting.export_runs(runs, args.out, format=args.format, tta=args.tta,
                                 quantize=args.quantize)
     print(f"exported {'TFLite model' if args.format == 'tflite' else 'SavedModel'} to {out}")

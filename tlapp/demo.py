@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tlapp import backbones, pipeline
+from tlapp import backbones, pipeline, runs
 from tlapp.config import UserInputError
 
 CLASSES = ("checks", "dots", "rings", "stripes")
@@ -82,7 +82,7 @@ print(json.dumps([{"class_name": n.decode(), "probability": float(max(p))}
 
 
 def run_demo(out: str | Path = "models/demo", cache_dir: str | None = None,
-             epochs: int = 20) -> pipeline.Run:
+             epochs: int = 20) -> runs.Run:
     """Writes the demo data, trains, exports, reloads the SavedModel in a fresh process, predicts."""
     out = Path(out)
     data = out / "data"

@@ -118,7 +118,7 @@ def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_
     """`tlapp export`: one run, or several as an ensemble, to a SavedModel or TFLite file.
 
     Args:
-        runs: tlapp.pipeline.Run objects (several: an ensemble; labels must match).
+        runs: tlapp.runs.Run objects (several: an ensemble; labels must match).
         out: destination folder. Default for one run: RUN/saved_model (RUN/saved_model_TTA
             with TTA) or RUN/tflite; an ensemble needs it.
 
