@@ -417,7 +417,9 @@ def test_train_on_the_messy_folder_and_predict_the_twins(messy, tmp_path, capsys
 
 # --- Class weights, pixel limit, TFDS -------------------------------------------------------
 
-def test_balanced_class_weights_and_their_effect_on_training():
+def test_balanced_class_weights_and_their_effect_on_training(tmp_path):
+    import tensorflow as tf
+
     from tlapp import training
 
     labels = np.array([0] * 30 + [1] * 10)
@@ -429,10 +431,16 @@ def test_balanced_class_weights_and_their_effect_on_training():
     features = np.concatenate([rng.normal(0, 1, (300, 4)), rng.normal(0.5, 1, (30, 4))])
     labels = np.array([0] * 300 + [1] * 30, dtype=np.int32)
 
+    def load(idx, epoch=None):
+        return tf.gather(features, idx), tf.one_hot(tf.gather(labels, idx), 2)
+
     def rare_predicted(class_weight):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-        training.fit_on_features(model, (features, labels), (features[:0], labels[:0]), 20, 32,
-                                 0.05, 0, verbose=False, class_weight=class_weight)
+        settings = training.Settings(epochs=20, batch_size=32, lr=0.05, seed=0,
+                                     class_weight=class_weight)
+        folder = tmp_path / str(class_weight is None)
+        training.fit_stage("head", model, settings, len(labels), load, None,
+                           training.Checkpoint(folder, model), verbose=False)
         return int((model.predict(features, verbose=0).argmax(1) == 1).sum())
 
     assert rare_predicted(training.balanced_class_weights(labels, 2)) > rare_predicted(None) + 30

@@ -219,11 +219,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from tlapp import runs
+    from tlapp import runs as runs_lib
 
-    runs = [runs.load_run(path) for path in args.model]
+    runs = [runs_lib.load_run(path) for path in args.model]
     readable = False
-    for result in runs.iter_predictions(runs, args.images, top_k=args.top_k,
+    for result in runs_lib.iter_predictions(runs, args.images, top_k=args.top_k,
                                             batch_size=args.batch_size, tta=args.tta):
         readable = readable or "predictions" in result
         if args.json:
@@ -240,13 +240,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tlapp import exporting, runs
+    from tlapp import exporting, runs as runs_lib
     from tlapp.config import UserInputError
 
     paths = ([args.run] if args.run else []) + (args.ensemble or [])
     if not paths:
         raise UserInputError("Nothing to export: give RUN, or --ensemble RUN1 RUN2 ... --out DIR.")
-    runs = [runs.load_run(path) for path in paths]
+    runs = [runs_lib.load_run(path) for path in paths]
     out = exporting.export_runs(runs, args.out, format=args.format, tta=args.tta,
                                 quantize=args.quantize)
     print(f"exported {'TFLite model' if args.format == 'tflite' else 'SavedModel'} to {out}")
