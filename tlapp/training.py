@@ -130,8 +130,11 @@ class Checkpoint(keras.callbacks.Callback):
             return epochs
         return [row["stage"] for row in self.state["history"]].count(stage)
 
-    def restore_weights(self) -> None:
-        self.full_model.load_weights(self.folder / "weights.weights.h5")
+    def restore_weights(self, model: keras.Model) -> None:
+        """Loads the newest weights into the full model, or into `model` (the model of the
+        stage being resumed) when they were saved from a model on cached features."""
+        target = model if self.state.get("weights") == "stage" else self.full_model
+        target.load_weights(self.folder / "weights.weights.h5")
 
     def restore_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
         saved = np.load(self.folder / "optimizer.npz", allow_pickle=False)
@@ -152,9 +155,12 @@ class Checkpoint(keras.callbacks.Callback):
 
     def save(self, state: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.state = state
+        # A model on cached features cannot change the frozen stem: saving only its weights
+        # takes milliseconds, where the full backbone's take over a second per epoch.
+        stage_only = self.model is not self.full_model
+        self.state = state | {"weights": "stage" if stage_only else "full"}
         temp = self.folder / "weights.tmp.weights.h5"
-        self.full_model.save_weights(temp)
+        (self.model if stage_only else self.full_model).save_weights(temp)
         os.replace(temp, self.folder / "weights.weights.h5")
         with open(self.folder / "optimizer.tmp.npz", "wb") as f:
             np.savez(f, **{f"v{i}": keras.ops.convert_to_numpy(v)
@@ -196,7 +202,7 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
     optimizer.build(model.trainable_variables)
     done = checkpoint.completed(stage, settings.epochs)
     if checkpoint.restore_pending:  # resuming: the newest weights, once
-        checkpoint.restore_weights()
+        checkpoint.restore_weights(model)
         checkpoint.restore_pending = False
     if 0 < done < settings.epochs:  # resuming inside this stage
         checkpoint.restore_optimizer(optimizer)
