@@ -21,7 +21,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from tlapp import augment, data as data_lib
+from tlapp.augment import ops as augment
+from tlapp.data import datasets
+from tlapp.data import decoding
 
 FULL_SPEC = ("flip,rcrop,rotate=15,shear=0.1,zoom=0.1,translate=0.1,warp=0.05,color=20,"
              "pca=0.1,brightness=0.1,contrast=0.2")
@@ -45,7 +47,7 @@ def images_per_second(paths: list[str], spec: str, size: int, parallel: bool,
     parsed = augment.parse_spec(spec)
 
     def load(index, path):
-        image = data_lib.decode_image(tf.io.read_file(path), size)
+        image = decoding.decode_image(tf.io.read_file(path), size)
         if parsed:
             image = augment.augment_image(image, parsed, augment.image_seed(0, index), pca)
         return image
@@ -70,7 +72,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         paths = write_images(Path(folder), args.images, np.random.default_rng(0))
-        pca = augment.compute_pca(data_lib.image_dataset(paths[:64], args.size, 32))
+        pca = augment.compute_pca(datasets.image_dataset(paths[:64], args.size, 32))
         cases = [("decode+resize, parallel", "none", True),
                  ("decode+augment+resize, serial", args.spec, False),
                  ("decode+augment+resize, parallel", args.spec, True)]

@@ -1,7 +1,7 @@
 """Feature-cache speed: streaming reads against head training, and incremental extraction.
 
 1. Read throughput (rows/s) of the streaming loader (FeatureCache.loader through
-   training.shuffled_batches: a fresh shuffle each epoch, rows read by pread) for a pooled
+   datasets.shuffled_batches: a fresh shuffle each epoch, rows read by pread) for a pooled
    entry (resnet50's 2048 float32 per image) and a spatial one (the activations at
    --spatial-cut, float16), against the rate at which head training consumes rows (the
    training model's train_on_batch on in-memory batches of the same shape). The entries are
@@ -33,7 +33,14 @@ import numpy as np
 from PIL import Image
 
 from bench_pipeline import cache_key, write_folder
-from tlapp import backbones, cache as cache_lib, data as data_lib, head, training
+from tlapp.features import cache as cache_lib
+from tlapp.features.loader import FeatureLoader
+from tlapp.features.extract import extract_features
+from tlapp.training import head
+from tlapp.backbones import cuts
+from tlapp.data import datasets
+from tlapp.backbones import registry
+from tlapp.data import scan
 
 
 def write_noise_images(folder: Path, count: int, seed: int = 0) -> dict:
@@ -62,13 +69,13 @@ def read_rate(feature_cache, digests, batch_size: int, epochs: int, seed: int) -
     """Rows/s streamed by shuffled_batches over the entry's loader, `epochs` epochs; the
     clock starts when the first batch arrives (after tracing)."""
     labels = np.zeros(len(digests), np.int32)
-    loader = feature_cache.loader(digests, labels, 2)
-    batches = iter(training.shuffled_batches(len(digests), batch_size, seed, 0, epochs, loader))
-    next(batches)
-    tick = time.perf_counter()
-    rows = sum(int(x.shape[0]) for x, _ in batches)
-    seconds = time.perf_counter() - tick
-    loader.reader.close()
+    with FeatureLoader(feature_cache, digests, labels, 2) as loader:
+        batches = iter(datasets.shuffled_batches(len(digests), batch_size, seed, 0, epochs,
+                                                 loader))
+        next(batches)
+        tick = time.perf_counter()
+        rows = sum(int(x.shape[0]) for x, _ in batches)
+        seconds = time.perf_counter() - tick
     return rows / seconds
 
 
@@ -102,35 +109,33 @@ def main(argv: list[str] | None = None) -> dict:
     def record(name, value):
         raw.setdefault(name, []).append(value)
 
-    spec = backbones.get_spec("resnet50")
+    spec = registry.get_spec("resnet50")
     with tempfile.TemporaryDirectory(prefix="tlapp-bench-cache-") as work:
         work = Path(work)
         entries = {}
         for kind, cut, rows in (("pooled", None, args.rows),
                                 ("spatial", args.spatial_cut, args.spatial_rows)):
-            base = backbones.build_backbone(spec, "none", args.size)
-            cut = backbones.resolve_cut(spec, base, cut, 0)
+            base = registry.build_backbone(spec, "none", args.size)
+            cut = cuts.resolve_cut(spec, base, cut, 0)
             models = head.build_models(spec, base, cut, 2, 0.2, args.size)
             shape = tuple(models.stem.output.shape[1:])
             files = write_noise_images(work / f"noise-{kind}", rows)
-            key = cache_lib.entry_key(backbone="stand-in", weights=kind, cut=cut,
-                                      pooled=models.pooled, image_size=16, preprocess="none",
-                                      precision="float32", views=1,
-                                      dtype="float32" if models.pooled else "float16")
-            feature_cache = cache_lib.FeatureCache(work / "cache", key, verbose=False)
-            feature_cache.extract(stand_in_stem(shape), files, 16, bs, verbose=False)
+            stem = stand_in_stem(shape)
+            key = cache_lib.cache_key(f"stand-in-{kind}", stem, cut, models.pooled, 16, "none")
+            feature_cache = cache_lib.FeatureCache(work / "cache", key)
+            extract_features(feature_cache, stem, files, 16, bs)
             entries[kind] = (feature_cache, list(files), models.train, shape)
 
         root = write_folder(work / "data", args.images, args.size, 4)
-        scanned = data_lib.scan_folder(root, 0.0, 0.0, verbose=False)
+        scanned = scan.scan_folder(root, 0.0, 0.0)
         files = {s.sha256: root / s.path for s in scanned.samples}
         old = dict(list(files.items())[:len(files) - max(1, len(files) // 10)])
-        base = backbones.build_backbone(spec, "none", args.size)
-        cut = backbones.resolve_cut(spec, base, None, 0)
+        base = registry.build_backbone(spec, "none", args.size)
+        cut = cuts.resolve_cut(spec, base, None, 0)
         models = head.build_models(spec, base, cut, 4, 0.2, args.size)
         key = cache_key(spec, models, cut, args.size)
-        cache_lib.FeatureCache(work / "warm", key, verbose=False).extract(
-            models.stem, dict(list(files.items())[:bs]), args.size, bs, verbose=False)
+        cache_lib.FeatureCache(work / "warm", key).extract(
+            models.stem, dict(list(files.items())[:bs]), args.size, bs)
 
         for r in range(args.repeats):  # interleaved, so load changes hit every case alike
             for kind, (feature_cache, digests, model, shape) in entries.items():
@@ -138,18 +143,18 @@ def main(argv: list[str] | None = None) -> dict:
                        read_rate(feature_cache, digests, bs, args.read_epochs, r))
                 record(f"{kind}_train_rows_per_s",
                        consume_rate(model, shape, bs, args.train_steps))
-            incremental = cache_lib.FeatureCache(work / f"incremental-{r}", key, verbose=False)
-            incremental.extract(models.stem, old, args.size, bs, verbose=False)
+            incremental = cache_lib.FeatureCache(work / f"incremental-{r}", key)
+            extract_features(incremental, models.stem, old, args.size, bs)
             tick = time.perf_counter()
-            stats = incremental.extract(models.stem, files, args.size, bs, verbose=False)
+            stats = extract_features(incremental, models.stem, files, args.size, bs)
             record("incremental_extract_s", time.perf_counter() - tick)
             assert stats["extracted"] == len(files) - len(old), stats
-            full = cache_lib.FeatureCache(work / f"full-{r}", key, verbose=False)
+            full = cache_lib.FeatureCache(work / f"full-{r}", key)
             tick = time.perf_counter()
-            full.extract(models.stem, files, args.size, bs, verbose=False)
+            extract_features(full, models.stem, files, args.size, bs)
             record("full_extract_s", time.perf_counter() - tick)
             tick = time.perf_counter()
-            data_lib.scan_folder(root, 0.0, 0.0, verbose=False)
+            scan.scan_folder(root, 0.0, 0.0)
             record("scan_s", time.perf_counter() - tick)
 
     m = {name: statistics.median(values) for name, values in raw.items()}

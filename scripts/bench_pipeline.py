@@ -11,7 +11,7 @@ alike) with medians reported as ratios:
       the Keras transfer-learning guide (image_dataset_from_directory, cached and prefetched,
       the frozen base inside model.fit every epoch), same images, head and batch size;
   (c) a second experiment with other head settings reusing tlapp's cache, against (b)'s baseline;
-  (d) live mode (training.fit_stage on images): epoch time with the full augmentation spec
+  (d) live mode (fit.fit_stage on images): epoch time with the full augmentation spec
       against none;
   (e) the top block(s) above a spatial cut (conv5_block1_out) trained on cached activations
       against running the whole frozen stem every step.
@@ -41,7 +41,18 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from tlapp import augment, backbones, cache as cache_lib, data as data_lib, head, training
+from tlapp.augment import ops as augment
+from tlapp.features import cache as cache_lib
+from tlapp.features.loader import FeatureLoader
+from tlapp.features.extract import extract_features
+from tlapp.training import head
+from tlapp.backbones import spec as backbone_spec
+from tlapp.training import checkpoint
+from tlapp.backbones import cuts
+from tlapp.data import datasets
+from tlapp.training import fit
+from tlapp.backbones import registry
+from tlapp.data import scan
 
 FULL_SPEC = ("flip,rcrop,rotate=15,shear=0.1,zoom=0.1,translate=0.1,warp=0.05,color=20,"
              "pca=0.1,brightness=0.1,contrast=0.2")  # the same spec as bench_augment.py
@@ -64,7 +75,7 @@ def write_folder(root: Path, count: int, size: int, classes: int, seed: int = 0)
     return root
 
 
-class TimedCheckpoint(training.Checkpoint):
+class TimedCheckpoint(checkpoint.Checkpoint):
     """The pipeline's per-epoch checkpoint that also records each epoch's time (without its
     own save) and the time spent saving."""
 
@@ -90,41 +101,36 @@ def median(values: list[float]) -> float:
 
 def cache_key(spec, models: head.Models, cut: str, size: int) -> dict:
     """The key pipeline.run builds for this stem (weights hashed: tlapp pays that each run)."""
-    return cache_lib.entry_key(
-        backbone=spec.name, weights=cache_lib.weights_identity(models.stem), cut=cut,
-        pooled=models.pooled, image_size=size, preprocess=spec.preprocess, precision="float32",
-        views=1, dtype="float32" if models.pooled else "float16")
+    return cache_lib.cache_key(spec.name, models.stem, cut, models.pooled, size, spec.preprocess)
 
 
 def train_on_cache(models, feature_cache, digests, labels, classes, settings, folder):
     """What pipeline.run does after extraction: stream the rows, standardise the head,
     fit_stage with the per-epoch checkpoint. Returns the checkpoint (with its timings)."""
-    loader = feature_cache.loader(digests, labels, classes)
-    batches = training.evaluation_batches(loader, len(labels), settings.batch_size)
+    loader = FeatureLoader(feature_cache, digests, labels, classes)
+    batches = datasets.ordered_batches(loader, len(labels), settings.batch_size)
     head.adapt_head(models, (x if models.pooled else models.pooled_features.predict_on_batch(x)
                              for x, _ in batches))
     checkpoint = TimedCheckpoint(folder, models.full)
-    training.fit_stage("head", models.train, settings, len(labels), loader, None, checkpoint,
-                       verbose=False)
-    loader.reader.close()
+    with loader:
+        fit.fit_stage("head", models.train, settings, len(labels), loader, None, checkpoint)
     return checkpoint
 
 
 def train_live(model, source, n, settings, folder):
     """fit_stage on images (the stem runs every step); returns the checkpoint's timings."""
     checkpoint = TimedCheckpoint(folder, model)
-    training.fit_stage("live", model, settings, n, source, None, checkpoint, parallel=True,
-                       verbose=False)
+    fit.fit_stage("live", model, settings, n, source, None, checkpoint, parallel=True)
     return checkpoint
 
 
 def guide_model(spec, size: int, classes: int, seed: int) -> keras.Model:
     """The Keras transfer-learning guide's model: frozen base called with training=False,
     pooling, dropout 0.2, a dense softmax; the backbone's preprocessing in front."""
-    base = backbones.build_backbone(spec, "none", size, seed)
+    base = registry.build_backbone(spec, "none", size, seed)
     base.trainable = False
     inputs = keras.Input((size, size, 3))
-    x = base(backbones.Preprocess(spec.preprocess)(inputs), training=False)
+    x = base(backbone_spec.Preprocess(spec.preprocess)(inputs), training=False)
     x = keras.layers.Dropout(0.2)(keras.layers.GlobalAveragePooling2D()(x))
     model = keras.Model(inputs, keras.layers.Dense(classes, activation="softmax")(x))
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
@@ -135,24 +141,24 @@ def guide_model(spec, size: int, classes: int, seed: int) -> keras.Model:
 def guide_dataset(root: Path, size: int, batch_size: int, seed: int) -> tf.data.Dataset:
     dataset = keras.utils.image_dataset_from_directory(
         root, label_mode="categorical", image_size=(size, size), batch_size=batch_size,
-        shuffle=True, seed=seed, verbose=False)
+        shuffle=True, seed=seed)
     return dataset.cache().prefetch(tf.data.AUTOTUNE)  # as the guide does
 
 
 def run(args: argparse.Namespace, work: Path) -> dict:
     root = write_folder(work / "data", args.images, args.size, args.classes)
-    scanned = data_lib.scan_folder(root, 0.0, 0.0, verbose=False)
+    scanned = scan.scan_folder(root, 0.0, 0.0)
     files = {s.sha256: root / s.path for s in scanned.samples}
     digests = [s.sha256 for s in scanned.samples]
     paths = [root / s.path for s in scanned.samples]
     labels = np.array([s.label for s in scanned.samples], np.int32)
     n, classes, bs, size = len(labels), len(scanned.classes), args.batch_size, args.size
-    spec = backbones.get_spec("resnet50")
-    base = backbones.build_backbone(spec, "none", size, seed=0)
-    cut = backbones.resolve_cut(spec, base, None, 0)
+    spec = registry.get_spec("resnet50")
+    base = registry.build_backbone(spec, "none", size, seed=0)
+    cut = cuts.resolve_cut(spec, base, None, 0)
     models = head.build_models(spec, base, cut, classes, 0.2, size)
-    settings = training.Settings(epochs=args.epochs, batch_size=bs, lr=1e-3, seed=0)
-    second = training.Settings(epochs=args.epochs, batch_size=bs, lr=3e-4, seed=1,
+    settings = fit.Settings(epochs=args.epochs, batch_size=bs, lr=1e-3, seed=0)
+    second = fit.Settings(epochs=args.epochs, batch_size=bs, lr=3e-4, seed=1,
                                optimizer="sgd", label_smoothing=0.1)
     parts, raw = args.parts, {}
 
@@ -165,26 +171,26 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         return time.perf_counter() - tick, result
 
     # warm-ups (tracing) outside every timing
-    pixels = list(data_lib.image_dataset(paths, size, bs))
+    pixels = list(datasets.image_dataset(paths, size, bs))
     all_pixels = np.concatenate(pixels)
     models.stem.predict_on_batch(pixels[0])
     models.stem.predict(pixels[0], batch_size=bs, verbose=0)
     key = cache_key(spec, models, cut, size)
     warm = dict(list(files.items())[:bs])
-    cache_lib.FeatureCache(work / "cache-warm", key, verbose=False).extract(
-        models.stem, warm, size, bs, verbose=False)
+    cache_lib.FeatureCache(work / "cache-warm", key).extract(
+        models.stem, warm, size, bs)
     if "b" in parts or "c" in parts:
         guide = guide_model(spec, size, classes, seed=0)
         guide.fit(guide_dataset(root, size, bs, 0).take(1), epochs=1, verbose=0)
     if "d" in parts:
-        pca = augment.compute_pca(data_lib.image_dataset(paths[:64], size, bs))
+        pca = augment.compute_pca(datasets.image_dataset(paths[:64], size, bs))
     if "e" in parts:
-        base_e = backbones.build_backbone(spec, "none", size, seed=0)
+        base_e = registry.build_backbone(spec, "none", size, seed=0)
         models_e = head.build_models(spec, base_e, args.spatial_cut, classes, 0.2, size)
         key_e = cache_key(spec, models_e, args.spatial_cut, size)
-        cache_lib.FeatureCache(work / "cache-warm-e", key_e, verbose=False).extract(
-            models_e.stem, warm, size, bs, verbose=False)
-    live_settings = training.Settings(epochs=args.live_epochs, batch_size=bs, lr=1e-3, seed=0)
+        cache_lib.FeatureCache(work / "cache-warm-e", key_e).extract(
+            models_e.stem, warm, size, bs)
+    live_settings = fit.Settings(epochs=args.live_epochs, batch_size=bs, lr=1e-3, seed=0)
 
     for r in range(args.repeats):
         if "a" in parts:
@@ -192,16 +198,14 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             record("a_compute_batches_ips", n / seconds)
             seconds, _ = timed(lambda: models.stem.predict(all_pixels, batch_size=bs, verbose=0))
             record("a_compute_predict_ips", n / seconds)
-            seconds, _ = timed(lambda: sum(1 for _ in data_lib.image_dataset(paths, size, bs)))
+            seconds, _ = timed(lambda: sum(1 for _ in datasets.image_dataset(paths, size, bs)))
             record("a_decode_only_ips", n / seconds)
         if parts & set("abc"):
             cache_dir = work / f"cache-{r}"
             tick = time.perf_counter()
-            feature_cache = cache_lib.FeatureCache(cache_dir, cache_key(spec, models, cut, size),
-                                                   verbose=False)
+            feature_cache = cache_lib.FeatureCache(cache_dir, cache_key(spec, models, cut, size))
             key_s = time.perf_counter() - tick
-            extract_s, _ = timed(lambda: feature_cache.extract(models.stem, files, size, bs,
-                                                               verbose=False))
+            extract_s, _ = timed(lambda: extract_features(feature_cache, models.stem, files, size, bs))
             record("a_extract_ips", n / extract_s)
             if parts & set("bc"):
                 train_s, checkpoint = timed(lambda: train_on_cache(
@@ -217,9 +221,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             record("b_guide_s", seconds)
         if "c" in parts:
             def second_experiment():
-                reused = cache_lib.FeatureCache(cache_dir, cache_key(spec, models, cut, size),
-                                                verbose=False)
-                stats = reused.extract(models.stem, files, size, bs, verbose=False)
+                reused = cache_lib.FeatureCache(cache_dir, cache_key(spec, models, cut, size))
+                stats = extract_features(reused, models.stem, files, size, bs)
                 assert stats["extracted"] == 0, stats
                 return train_on_cache(models, reused, digests, labels, classes, second,
                                       work / f"ckpt-c{r}")
@@ -228,19 +231,18 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             record("c_tlapp_checkpoint_s", checkpoint.save_seconds)
         if "d" in parts:
             for name, spec_text in (("none", None), ("full", FULL_SPEC)):
-                source = training.image_source(paths, labels, size, classes, spec_text, r, pca)
+                source = datasets.image_loader(paths, labels, size, classes, spec_text, r, pca)
                 checkpoint = train_live(models.full, source, n, live_settings,
                                         work / f"ckpt-d-{name}{r}")
                 record(f"d_{name}_epoch_s", median(checkpoint.epoch_seconds[1:]))
         if "e" in parts:
-            spatial = cache_lib.FeatureCache(work / f"cache-spatial-{r}", key_e, verbose=False)
-            seconds, _ = timed(lambda: spatial.extract(models_e.stem, files, size, bs,
-                                                       verbose=False))
+            spatial = cache_lib.FeatureCache(work / f"cache-spatial-{r}", key_e)
+            seconds, _ = timed(lambda: extract_features(spatial, models_e.stem, files, size, bs))
             record("e_extract_s", seconds)
             checkpoint = train_on_cache(models_e, spatial, digests, labels, classes,
                                         live_settings, work / f"ckpt-e-cached{r}")
             record("e_cached_epoch_s", median(checkpoint.epoch_seconds[1:]))
-            source = training.image_source(paths, labels, size, classes)
+            source = datasets.image_loader(paths, labels, size, classes)
             checkpoint = train_live(models_e.full, source, n, live_settings,
                                     work / f"ckpt-e-live{r}")
             record("e_live_epoch_s", median(checkpoint.epoch_seconds[1:]))

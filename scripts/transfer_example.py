@@ -28,7 +28,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tlapp  # noqa: E402
-from tlapp import data as data_lib, demo  # noqa: E402
+from tlapp import demo  # noqa: E402
+from tlapp.data import decoding
 
 KINDS = ("checks", "dots", "rings", "stripes")
 SOURCE_HUES = {"red": 0.0, "yellow": 0.15, "blue": 0.6}
@@ -52,7 +53,7 @@ def load_split(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Pixels (decoded and resized as tlapp does) and labels of one split folder."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     paths = [(p, i) for i, name in enumerate(classes) for p in sorted((folder / name).iterdir())]
-    pixels = np.stack([data_lib.decode_image(p.read_bytes(), IMAGE_SIZE).numpy()
+    pixels = np.stack([decoding.decode_image(p.read_bytes(), IMAGE_SIZE).numpy()
                        for p, _ in paths])
     return pixels, np.array([i for _, i in paths]), classes
 
@@ -108,7 +109,7 @@ def main() -> None:
               f"({time.perf_counter() - start:.0f} s); saved {pretrained}")
 
     common = dict(image_size=IMAGE_SIZE, batch_size=16, epochs=args.epochs,
-                  cache_dir=str(out / "cache"), verbose=False)
+                  cache_dir=str(out / "cache"))
     ways = [  # (label, run folder, options)
         ("transfer (frozen, new head)", "transfer", dict(lr=1e-3)),
         ("transfer + fine-tune all", "finetune", dict(trainable_blocks="all", lr=3e-4)),

@@ -13,6 +13,14 @@ import pytest
 from PIL import Image
 
 CLASS_HUES = {"cat": 0.0, "dog": 0.33, "fox": 0.6}
+# Fixtures that train a model: every test using one is slow (`pytest -m "not slow"` skips it).
+TRAINING_FIXTURES = {"trained_run", "second_run", "experiment", "uninterrupted"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def write_image(path: Path, hue: float, rng: np.random.Generator, size: int = 40) -> Path:
@@ -61,8 +69,7 @@ def trained_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("session")
     data = make_folder(base / "data", per_class=8)
     run = tlapp.train(str(data), backbone="resnet50", weights="none", image_size=32, epochs=8,
-                      batch_size=8, cache_dir=str(base / "cache"), out=str(base / "run"),
-                      verbose=False)
+                      batch_size=8, cache_dir=str(base / "cache"), out=str(base / "run"))
     return run
 
 

@@ -6,9 +6,11 @@ import tensorflow as tf
 from PIL import Image
 
 from tests.conftest import make_folder
-from tlapp import augment, cli
+from tlapp import cli
+from tlapp.augment import ops as augment
 from tlapp import config as config_lib
-from tlapp.config import UserInputError
+from tlapp.errors import UserInputError
+from tlapp.reporting import preview
 
 FULL = ("rcrop,rotate=15,shear=0.1,zoom=0.1,translate=0.1,warp=0.05,flip,vflip,color=20,"
         "pca=0.1,brightness=0.1,contrast=0.2")
@@ -176,21 +178,24 @@ def test_config_augment_from_string_and_table(tmp_path):
         config_lib.load_toml(path)
 
 
-def test_preview_writes_png_grid_of_expected_size(tmp_path, capsys):
+@pytest.mark.slow
+def test_preview_writes_png_grid_of_expected_size(tmp_path, caplog):
     data = make_folder(tmp_path / "data", per_class=4)
-    out = augment.preview(data, "flip,rotate=30,pca=0.2", tmp_path / "sub" / "grid.png",
+    caplog.set_level("INFO", "tlapp")
+    out = preview.preview(data, "flip,rotate=30,pca=0.2", tmp_path / "sub" / "grid.png",
                           images=2, variants=3, image_size=32, seed=1)
     assert out == tmp_path / "sub" / "grid.png"
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 32 + 2, 4 * 32 + 3 * 2, 3)
     cells = [grid[:32, j * 34:j * 34 + 32].astype(float) for j in range(4)]
     assert all(np.abs(cells[0] - cell).mean() > 1 for cell in cells[1:])
-    assert str(out) in capsys.readouterr().out
+    assert str(out) in caplog.text
     assert [p.name for p in out.parent.iterdir()] == ["grid.png"]  # no temp file left
     with pytest.raises(UserInputError, match="Received: variants=0"):
-        augment.preview(data, "flip", tmp_path / "x.png", variants=0)
+        preview.preview(data, "flip", tmp_path / "x.png", variants=0)
 
 
+@pytest.mark.slow
 def test_cli_augment_preview_and_train_flag(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=3, classes={"cat": 0, "dog": 0.3})
     out = tmp_path / "grid.png"
@@ -198,7 +203,7 @@ def test_cli_augment_preview_and_train_flag(tmp_path, capsys):
                      "--out", str(out), "--images", "1", "--variants", "2", "--image-size", "24"])
     stdout, err = capsys.readouterr()
     assert code == 0, err
-    assert str(out) in stdout and Image.open(out).size == (3 * 24 + 4, 24)
+    assert str(out) in err and Image.open(out).size == (3 * 24 + 4, 24)
     for command in (["augment-preview", str(data), "--augment", "rotate=500"],
                     ["train", str(data), "--augment", "rotate=500", "--out", str(tmp_path / "r")]):
         code = cli.main(command)

@@ -5,8 +5,12 @@ import pytest
 
 import tlapp
 from tests.conftest import make_folder
-from tlapp import backbones, classic, cli, head
-from tlapp.config import UserInputError
+from tlapp import cli
+from tlapp.backbones import classic
+from tlapp.training import head
+from tlapp.errors import UserInputError
+from tlapp.backbones import cuts
+from tlapp.backbones import registry
 
 
 def test_lenet5_has_about_60k_parameters():
@@ -37,19 +41,20 @@ def test_local_response_normalization_matches_the_paper_formula():
 @pytest.mark.parametrize("weights", ["imagenet", "some.weights.h5"])
 def test_classic_nets_have_no_pretrained_weights(weights):
     with pytest.raises(UserInputError, match="no pretrained weights.*--weights none"):
-        backbones.build_backbone(backbones.get_spec("lenet5"), weights, 32)
+        registry.build_backbone(registry.get_spec("lenet5"), weights, 32)
 
 
 def test_classic_net_default_cut_is_the_input():
-    spec = backbones.get_spec("lenet5")
-    model = backbones.build_backbone(spec, "none", 32)
-    assert backbones.resolve_cut(spec, model, None, None) == backbones.INPUT_CUT
-    assert backbones.resolve_cut(spec, model, None, 0) == "f6_dense"  # random features
-    assert backbones.resolve_cut(spec, model, None, 1) == "c5_conv"
-    assert backbones.valid_cuts(model) == ["input", "c1_conv", "s2_pool", "c3_conv",
+    spec = registry.get_spec("lenet5")
+    model = registry.build_backbone(spec, "none", 32)
+    assert cuts.resolve_cut(spec, model, None, None) == cuts.INPUT_CUT
+    assert cuts.resolve_cut(spec, model, None, 0) == "f6_dense"  # random features
+    assert cuts.resolve_cut(spec, model, None, 1) == "c5_conv"
+    assert cuts.valid_cuts(model) == ["input", "c1_conv", "s2_pool", "c3_conv",
                                            "s4_pool", "c5_conv", "flatten", "f6_dense"]
 
 
+@pytest.mark.slow
 def test_lenet5_trains_from_scratch_through_the_pipeline(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=5)
     code = cli.main(["train", str(data), "--backbone", "lenet5", "--weights", "none",
@@ -62,16 +67,17 @@ def test_lenet5_trains_from_scratch_through_the_pipeline(tmp_path, capsys):
     assert run.config.weights == "none" and run.metrics["cache"]["mode"] == "off"
     lenet = run.model.get_layer("lenet5")
     assert all(layer.trainable for layer in lenet.layers)
-    initial = backbones.build_backbone(backbones.get_spec("lenet5"), "none", 32, seed=0)
+    initial = registry.build_backbone(registry.get_spec("lenet5"), "none", 32, seed=0)
     for name in ("c1_conv", "f6_dense"):  # every layer moved away from its initialisation
         assert not np.allclose(lenet.get_layer(name).kernel, initial.get_layer(name).kernel)
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     assert run.model.predict(pixels, verbose=0).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_alexnet_trains_a_step_with_its_dropout_active():
-    spec = backbones.get_spec("alexnet")
-    base = backbones.build_backbone(spec, "none", 67)
+    spec = registry.get_spec("alexnet")
+    base = registry.build_backbone(spec, "none", 67)
     models = head.build_models(spec, base, None, 3, 0.5, 67)
     assert models.stem is None and models.train is models.full  # trains on pixels
     x = np.random.default_rng(0).uniform(0, 255, (4, 67, 67, 3)).astype("float32")
@@ -97,6 +103,7 @@ def small_cnn(with_classifier: bool = True) -> keras.Model:
     return model
 
 
+@pytest.mark.slow
 def test_custom_backbone_round_trip(tmp_path, capsys):
     original = small_cnn()
     path = tmp_path / "mine.keras"
@@ -107,15 +114,14 @@ def test_custom_backbone_round_trip(tmp_path, capsys):
         assert f"\n{name} " in listing
     assert "classifier" not in listing  # the old softmax classifier is dropped
 
-    spec = backbones.get_spec(str(path), "none")
-    base = backbones.build_backbone(spec, "saved", 32)
+    spec = registry.get_spec(str(path), "none")
+    base = registry.build_backbone(spec, "saved", 32)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     features = keras.Model(original.inputs, original.get_layer("gap").output)(x)
     np.testing.assert_allclose(base(x), features, atol=1e-6)
 
     data = make_folder(tmp_path / "data", per_class=5)
-    common = dict(image_size=32, epochs=2, batch_size=4, cache_dir=str(tmp_path / "cache"),
-                  verbose=False)
+    common = dict(image_size=32, epochs=2, batch_size=4, cache_dir=str(tmp_path / "cache"))
     run = tlapp.train(str(data), backbone=str(path), cut="conv2", out=str(tmp_path / "a"),
                       **common)
     assert run.config.backbone == str(path.resolve())
@@ -124,7 +130,7 @@ def test_custom_backbone_round_trip(tmp_path, capsys):
     reloaded = tlapp.load_run(run.path)
     np.testing.assert_allclose(reloaded.model.predict(x, verbose=0),
                                run.model.predict(x, verbose=0), atol=1e-6)
-    again = tlapp.train(str(data), config=reloaded.config, out=str(tmp_path / "b"), verbose=False)
+    again = tlapp.train(str(data), config=reloaded.config, out=str(tmp_path / "b"))
     assert again.metrics["cache"]["reused"] == 15 and again.metrics["cache"]["extracted"] == 0
 
     # same file name and cut but other weights: the weights hash keeps the entries apart
@@ -162,10 +168,10 @@ def test_custom_backbone_errors(tmp_path, case, message):
         preprocess = "vgg" if case == "preprocess" else None
         size = 48 if case == "size" else 32
     with pytest.raises(UserInputError, match=message):
-        spec = backbones.get_spec(str(path), preprocess)
-        backbones.build_backbone(spec, "saved", size)
+        spec = registry.get_spec(str(path), preprocess)
+        registry.build_backbone(spec, "saved", size)
 
 
 def test_preprocess_is_refused_for_registry_backbones():
     with pytest.raises(UserInputError, match="only for custom .keras backbones"):
-        backbones.get_spec("vgg16", "tf")
+        registry.get_spec("vgg16", "tf")

@@ -47,6 +47,7 @@ def test_bad_usage_exits_2_with_a_message(tmp_path, capsys, case, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_console_script_exit_status_and_message(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tlapp", "train", str(tmp_path / "nowhere")],
                             capture_output=True, text=True, env=os.environ | {"CI": "1"})
@@ -63,6 +64,7 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_toml_config_with_flag_overrides(tmp_path, capsys):
     data = make_folder(tmp_path / "data", per_class=4)
     config = tmp_path / "run.toml"
@@ -78,6 +80,7 @@ def test_toml_config_with_flag_overrides(tmp_path, capsys):
     assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_predict_reports_unreadable_files(trained_run, tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"garbage")
@@ -116,12 +119,82 @@ def test_backbones_table_lists_the_registry(capsys):
     assert rows["alexnet"][2:5] == ["720", "M", "227"]
 
 
-def test_demo_runs_offline_end_to_end(tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_runs_offline_end_to_end(tmp_path, caplog):
     from tlapp import demo
 
+    caplog.set_level("INFO", "tlapp")
     run = demo.run_demo(tmp_path / "demo", cache_dir=str(tmp_path / "cache"), epochs=15)
-    out = capsys.readouterr().out
+    out = "\n".join(caplog.messages)
     assert "could not be downloaded; continuing with random initialisation" in out
     assert run.metrics["test_accuracy"] > 0.6  # chance is 0.25
     assert "reloaded in a fresh Python process" in out
     assert sum(f"-> {kind}" in out for kind in demo.CLASSES) >= 3
+
+
+def test_version():
+    import tlapp
+
+    result = subprocess.run([sys.executable, "-m", "tlapp", "--version"], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == f"tlapp {tlapp.__version__}"
+
+
+def test_train_flags_come_from_the_config_fields():
+    from tlapp import config as config_lib
+
+    train = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    for name, field in config_lib.FIELDS.items():
+        assert name in flags, name
+        if field.metadata["flag"]:
+            assert field.metadata["help"] in flags[name].help
+            assert flags[name].default is None  # only given flags override a --config file
+    assert flags["optimizer"].metavar == "{adam,sgd,adamw}"
+    assert "(default 0.001)" in flags["lr"].help and "(default 200000000)" in flags["max_pixels"].help
+    args = cli.build_parser().parse_args(["train", "x", "--no-bn-trainable", "--lr", "0.5"])
+    assert args.bn_trainable is False and args.lr == 0.5 and args.epochs is None
+
+
+def test_backbone_table_is_kept_and_then_needs_no_tensorflow(tmp_path, capsys, monkeypatch):
+    from tlapp.backbones import registry
+
+    assert cli.main(["backbones", "vgg16", "--image-size", "32", "--cache-dir",
+                     str(tmp_path)]) == 0
+    first = capsys.readouterr().out
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("the kept table was built again")
+
+    monkeypatch.setattr(registry, "build_backbone", no_building)
+    assert cli.main(["backbones", "vgg16", "--image-size", "32", "--cache-dir",
+                     str(tmp_path)]) == 0
+    assert capsys.readouterr().out == first
+    code = ("import sys; from tlapp import cli; "
+            f"code = cli.main(['backbones', 'vgg16', '--image-size', '32', '--cache-dir', {str(tmp_path)!r}]); "
+            "print(code, 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.splitlines()[-1] == "0 False"
+
+
+def test_quiet_hides_progress_and_info(tmp_path, capsys):
+    from tlapp import progress
+
+    assert cli.main(["-q", "cache", "list", "--cache-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "0 entries" in out and err == ""
+    assert progress.enabled()  # restored after the command
+
+
+def test_each_message_is_logged_once_even_when_the_root_logger_has_a_handler(tmp_path, capsys):
+    import logging
+
+    root = logging.getLogger()
+    extra = logging.StreamHandler(sys.stderr)  # as absl installs during a SavedModel export
+    root.addHandler(extra)
+    try:
+        assert cli.main(["cache", "clear", "--all", "--cache-dir", str(tmp_path)]) == 0
+        assert cli.main(["cache", "verify", "nope", "--cache-dir", str(tmp_path)]) == 2
+    finally:
+        root.removeHandler(extra)
+    assert capsys.readouterr().err.count("No cache entry named nope") == 1

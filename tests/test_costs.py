@@ -1,7 +1,9 @@
 import keras
 import pytest
 
-from tlapp import backbones, classic, costs, report
+from tlapp.backbones import classic, costs
+from tlapp.backbones import registry
+from tlapp.reporting import tables
 
 
 def conv_model(*layers, shape=(28, 28, 192)):
@@ -72,13 +74,13 @@ def test_format_count(value, text):
 
 
 def test_cut_point_table_has_stem_macs_and_cache_bytes():
-    table = report.backbone_table("vgg16", 32)
+    table = tables.backbone_table("vgg16", 32)
     lines = table.splitlines()
     assert lines[0].startswith("vgg16 at 32x32: 14,714,688 parameters")
     rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert rows["input"][1:4] == ["32x32x3", "12,288", "0"]  # pixels, no MACs
-    spec = backbones.get_spec("vgg16")
-    model = backbones.build_backbone(spec, "none", 32)
+    spec = registry.get_spec("vgg16")
+    model = registry.build_backbone(spec, "none", 32)
     first = costs.format_count(32 * 32 * 9 * 3 * 64).split()
     assert rows["block1_conv1"][3:5] == first
     assert rows["block5_pool"][3:5] == costs.format_count(costs.model_macs(model)).split()

@@ -14,8 +14,13 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from tests.conftest import CLASS_HUES, make_folder, write_image
-from tlapp import cli, data as data_lib
-from tlapp.config import UserInputError
+from tlapp import cli
+from tlapp.errors import UserInputError
+from tlapp.training import checkpoint
+from tlapp import constants
+from tlapp.data import decoding
+from tlapp.training import fit
+from tlapp.data import scan
 
 
 def splits_of(scanned):
@@ -31,7 +36,7 @@ def test_scan_finds_classes_splits_and_skips(image_folder):
     write_image(image_folder / "fox" / "nested" / "deeper" / "Fox Ä.JPG", 0.6,
                 np.random.default_rng(0))
 
-    scanned = data_lib.scan_folder(image_folder, verbose=False)
+    scanned = scan.scan_folder(image_folder)
 
     assert scanned.classes == ["cat", "dog", "fox"]
     assert len(scanned.samples) == 25
@@ -52,11 +57,11 @@ def test_scan_finds_classes_splits_and_skips(image_folder):
 
 def test_adding_files_keeps_every_existing_file_in_its_split(tmp_path):
     root = make_folder(tmp_path / "data", per_class=30)
-    before = splits_of(data_lib.scan_folder(root, verbose=False))
+    before = splits_of(scan.scan_folder(root))
     rng = np.random.default_rng(5)
     for i in range(10):
         write_image(root / "dog" / f"new_{i}.png", 0.33, rng)
-    after = splits_of(data_lib.scan_folder(root, verbose=False))
+    after = splits_of(scan.scan_folder(root))
     assert len(after) == len(before) + 10
     assert {p: after[p] for p in before} == before
 
@@ -65,14 +70,14 @@ def test_assign_splits_is_stable_and_fills_val_and_test():
     rng = random.Random(0)
     for trial in range(200):
         paths = [f"c/{rng.random():.12f}.jpg" for _ in range(rng.randint(3, 12))]
-        split = data_lib.assign_splits(paths, 0.1, 0.1)
+        split = scan.assign_splits(paths, 0.1, 0.1)
         assert set(split.values()) == {"train", "val", "test"}, paths
         # a file's split depends on its own path except where a class needed filling
-        natural = {p: data_lib.assign_splits([p] * 1, 0.1, 0.1)[p] for p in paths}
+        natural = {p: scan.assign_splits([p] * 1, 0.1, 0.1)[p] for p in paths}
         moved = [p for p in paths if split[p] != natural[p]]
         assert len(moved) <= 2
     big = [f"c/{i}.jpg" for i in range(2000)]
-    split = data_lib.assign_splits(big, 0.1, 0.2)
+    split = scan.assign_splits(big, 0.1, 0.2)
     fractions = {k: list(split.values()).count(k) / len(big) for k in ("val", "test")}
     assert abs(fractions["val"] - 0.1) < 0.03 and abs(fractions["test"] - 0.2) < 0.03
 
@@ -80,7 +85,7 @@ def test_assign_splits_is_stable_and_fills_val_and_test():
 def test_presplit_layout_is_used_as_given(tmp_path):
     for split, n in (("train", 6), ("val", 2), ("test", 3)):
         make_folder(tmp_path / "data" / split, per_class=n, seed=n)
-    scanned = data_lib.scan_folder(tmp_path / "data", verbose=False)
+    scanned = scan.scan_folder(tmp_path / "data")
     assert scanned.classes == ["cat", "dog", "fox"]
     assert scanned.counts()["train"] == 18
     assert scanned.counts()["val"] == 6
@@ -91,7 +96,7 @@ def test_presplit_layout_is_used_as_given(tmp_path):
 def test_presplit_without_val_carves_it_from_train(tmp_path):
     make_folder(tmp_path / "data" / "train", per_class=10)
     make_folder(tmp_path / "data" / "test", per_class=2, seed=3)
-    scanned = data_lib.scan_folder(tmp_path / "data", verbose=False)
+    scanned = scan.scan_folder(tmp_path / "data")
     assert all(s.path.startswith("train/") for s in scanned.split("val"))
     assert all(s.path.startswith("test/") for s in scanned.split("test"))
     assert len(scanned.split("val")) >= 3
@@ -114,7 +119,7 @@ def test_bad_folders_are_user_errors(tmp_path, layout, message):
         (root / "emu").mkdir()
         (root / "emu" / "a.jpg").write_bytes(b"garbage")
     with pytest.raises(UserInputError, match=message):
-        data_lib.scan_folder(root, verbose=False)
+        scan.scan_folder(root)
 
 
 def test_decode_image_formats_and_size(tmp_path):
@@ -124,19 +129,19 @@ def test_decode_image_formats_and_size(tmp_path):
     for ext in ("png", "jpg", "bmp", "gif", "webp"):
         path = tmp_path / f"x.{ext}"
         Image.fromarray(pixels).save(path)
-        image = data_lib.decode_image(path.read_bytes(), 16)
+        image = decoding.decode_image(path.read_bytes(), 16)
         assert image.shape == (16, 16, 3) and image.dtype.name == "float32", ext
         assert 0 <= float(np.min(image)) and float(np.max(image)) <= 255
 
 
 def test_expand_inputs(tmp_path, image_folder):
-    files = data_lib.expand_inputs([str(image_folder / "cat"), str(image_folder / "dog/*.png"),
+    files = scan.expand_inputs([str(image_folder / "cat"), str(image_folder / "dog/*.png"),
                                     str(tmp_path / "nope.jpg")])
     assert len(files) == 8 + 4 + 1 and files[-1].endswith("nope.jpg")
 
 
 def test_split_json_round_trips(image_folder):
-    scanned = data_lib.scan_folder(image_folder, verbose=False)
+    scanned = scan.scan_folder(image_folder)
     assert json.loads(json.dumps(scanned.split_json()))["skipped"] == []
 
 
@@ -265,10 +270,11 @@ def messy(tmp_path, huge_jpeg):
     return root, make_messy_folder(root, huge_jpeg)
 
 
-def test_messy_folder_every_file_used_or_listed(messy, tmp_path, capsys):
+def test_messy_folder_every_file_used_or_listed(messy, tmp_path, caplog):
     root, expected = messy
-    scanned = data_lib.scan_folder(root, cache_dir=tmp_path / "cache")
-    out = capsys.readouterr().out
+    caplog.set_level("INFO", "tlapp")
+    scanned = scan.scan_folder(root, cache_dir=tmp_path / "cache")
+    out = "\n".join(caplog.messages)
 
     fates = {s.path: "used" for s in scanned.samples}
     fates |= {item["path"]: item["reason"] for item in scanned.skipped}
@@ -302,7 +308,7 @@ def test_messy_folder_every_file_used_or_listed(messy, tmp_path, capsys):
 
 
 def test_second_scan_of_an_unchanged_folder_decodes_nothing(messy, tmp_path, monkeypatch):
-    from tlapp import validation
+    from tlapp.data import validation
 
     root, _ = messy
     calls = []
@@ -310,7 +316,7 @@ def test_second_scan_of_an_unchanged_folder_decodes_nothing(messy, tmp_path, mon
     monkeypatch.setattr(validation, "check_image",
                         lambda data, *args: calls.append(data) or check_image(data, *args))
     cache = tmp_path / "cache"
-    first = data_lib.scan_folder(root, verbose=False, cache_dir=cache)
+    first = scan.scan_folder(root, cache_dir=cache)
     # Every distinct content once (copies may be checked twice when threads race).
     contents = {s.sha256 for s in first.samples}
     assert len({bytes(c) for c in calls}) == len(contents) + len(first.skipped) - 1  # not link
@@ -318,13 +324,13 @@ def test_second_scan_of_an_unchanged_folder_decodes_nothing(messy, tmp_path, mon
     assert (cache / "scan").is_dir()
 
     calls.clear()
-    second = data_lib.scan_folder(root, verbose=False, cache_dir=cache)
+    second = scan.scan_folder(root, cache_dir=cache)
     assert calls == []
     assert second.samples == first.samples and second.skipped == first.skipped
 
     # An edited file is checked again; a lower pixel limit needs no decode.
     write_image(root / "dog" / "dog_00.jpg", 0.5, np.random.default_rng(7))
-    third = data_lib.scan_folder(root, verbose=False, cache_dir=cache, max_pixels=100_000_000)
+    third = scan.scan_folder(root, cache_dir=cache, max_pixels=100_000_000)
     assert len(calls) == 1
     assert {item["path"]: item["reason"] for item in third.skipped}["cat/huge.jpg"] == "too large"
 
@@ -334,7 +340,7 @@ def test_duplicates_across_classes_share_a_split_and_are_reported(tmp_path):
     for i in range(12):  # the same files filed under both classes
         (root / "dog" / f"from_cat_{i}.jpg").write_bytes(
             (root / "cat" / f"cat_{i:02d}{'.jpg' if i % 2 else '.png'}").read_bytes())
-    scanned = data_lib.scan_folder(root, verbose=False)
+    scanned = scan.scan_folder(root)
     by_content = {}
     for sample in scanned.samples:
         by_content.setdefault(sample.sha256, set()).add(sample.split)
@@ -345,10 +351,10 @@ def test_duplicates_across_classes_share_a_split_and_are_reported(tmp_path):
 
 def test_a_file_renamed_keeps_its_split(tmp_path):
     root = make_folder(tmp_path / "data", per_class=20, classes={"cat": 0, "dog": 0.33})
-    before = {s.sha256: s.split for s in data_lib.scan_folder(root, verbose=False).samples}
+    before = {s.sha256: s.split for s in scan.scan_folder(root).samples}
     for path in list((root / "cat").iterdir()):
         path.rename(path.with_name("renamed " + path.name))
-    after = {s.sha256: s.split for s in data_lib.scan_folder(root, verbose=False).samples}
+    after = {s.sha256: s.split for s in scan.scan_folder(root).samples}
     assert after == before
 
 
@@ -365,6 +371,7 @@ def test_class_with_only_hidden_files_is_an_empty_class(tmp_path, capsys):
 
 # --- Acceptance: train on the messy folder, predict the twins ------------------------------
 
+@pytest.mark.slow
 def test_train_on_the_messy_folder_and_predict_the_twins(messy, tmp_path, capsys):
     import tensorflow as tf
 
@@ -402,7 +409,7 @@ def test_train_on_the_messy_folder_and_predict_the_twins(messy, tmp_path, capsys
         assert alpha_webp[label] == pytest.approx(on_white[label], abs=1e-3)
         assert cmyk[label] == pytest.approx(source[label], abs=0.02)
     # The pixels behind those predictions, and the SavedModel, which decodes in its graph.
-    pixels = {name: data_lib.decode_image((root / name).read_bytes(), 32).numpy() for name in
+    pixels = {name: decoding.decode_image((root / name).read_bytes(), 32).numpy() for name in
               ("cat/rotated_6.jpg", "cat/upright.png", "cat/alpha.png", "cat/alpha_on_white.png")}
     np.testing.assert_allclose(pixels["cat/rotated_6.jpg"], pixels["cat/upright.png"], atol=1e-3)
     np.testing.assert_allclose(pixels["cat/alpha.png"], pixels["cat/alpha_on_white.png"],
@@ -420,10 +427,9 @@ def test_train_on_the_messy_folder_and_predict_the_twins(messy, tmp_path, capsys
 def test_balanced_class_weights_and_their_effect_on_training(tmp_path):
     import tensorflow as tf
 
-    from tlapp import training
 
     labels = np.array([0] * 30 + [1] * 10)
-    weights = training.balanced_class_weights(labels, 3)
+    weights = fit.balanced_class_weights(labels, 3)
     assert weights == {0: pytest.approx(40 / 90), 1: pytest.approx(40 / 30), 2: 1.0}
 
     # Overlapping classes: the weighted loss moves the decision towards the rare class.
@@ -436,14 +442,14 @@ def test_balanced_class_weights_and_their_effect_on_training(tmp_path):
 
     def rare_predicted(class_weight):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-        settings = training.Settings(epochs=20, batch_size=32, lr=0.05, seed=0,
+        settings = fit.Settings(epochs=20, batch_size=32, lr=0.05, seed=0,
                                      class_weight=class_weight)
         folder = tmp_path / str(class_weight is None)
-        training.fit_stage("head", model, settings, len(labels), load, None,
-                           training.Checkpoint(folder, model), verbose=False)
+        fit.fit_stage("head", model, settings, len(labels), load, None,
+                           checkpoint.Checkpoint(folder, model))
         return int((model.predict(features, verbose=0).argmax(1) == 1).sum())
 
-    assert rare_predicted(training.balanced_class_weights(labels, 2)) > rare_predicted(None) + 30
+    assert rare_predicted(fit.balanced_class_weights(labels, 2)) > rare_predicted(None) + 30
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -466,7 +472,7 @@ def test_tfds_offline_download_failure_is_a_clear_user_error(tmp_path, monkeypat
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     with pytest.raises(UserInputError, match="Could not load TFDS dataset 'mnist'.*network"):
-        data_lib.resolve_data("tfds:mnist", tmp_path / "cache")
+        scan.resolve_data("tfds:mnist", tmp_path / "cache")
     code = cli.main(["train", "tfds:mnist", "--weights", "none", "--cache-dir",
                      str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
@@ -480,7 +486,7 @@ def test_tfds_dataset_with_differently_named_features(tmp_path):
     # smallnorb: features image, image2, label_category, instance, ...;
     # supervised_keys = ("image", "label_category").
     with tfds.testing.mock_data(num_examples=4):
-        root = data_lib.resolve_data("tfds:smallnorb", tmp_path / "cache", verbose=False)
+        root = scan.resolve_data("tfds:smallnorb", tmp_path / "cache")
         names = tfds.builder("smallnorb").info.features["label_category"].names
     classes = sorted(p.name for p in (root / "train").iterdir())
     assert classes == [f"{i}_{name}" for i, name in enumerate(names)]
@@ -492,14 +498,14 @@ def test_tfds_dataset_with_differently_named_features(tmp_path):
 def test_given_splits_are_kept_and_their_overlap_reported(tmp_path):
     for split in ("train", "test"):  # the same 4 images per class in train/ and test/
         make_folder(tmp_path / "data" / split, per_class=4, classes={"cat": 0, "dog": 0.3})
-    scanned = data_lib.scan_folder(tmp_path / "data", verbose=False)
+    scanned = scan.scan_folder(tmp_path / "data")
     assert all(s.path.startswith(s.split + "/") or s.split == "val" for s in scanned.samples)
     assert len(scanned.split("test")) == 8 and len(scanned.split("train")) >= 4
     assert any("8 image(s) appear in more than one of the given" in w for w in scanned.warnings)
 
 
 def test_config_pixel_limit_default_is_the_decoders():
-    from tlapp import decoding
+    from tlapp.data import decoding
     from tlapp.config import Config
 
-    assert Config().max_pixels == decoding.DEFAULT_MAX_PIXELS == data_lib.DEFAULT_MAX_PIXELS
+    assert Config().max_pixels == decoding.DEFAULT_MAX_PIXELS == constants.DEFAULT_MAX_PIXELS

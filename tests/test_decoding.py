@@ -1,4 +1,4 @@
-"""The one decoder (`tlapp.decoding.decode_image`) against Pillow's reading of the same files."""
+"""The one decoder (`tlapp.data.decoding.decode_image`) against Pillow's reading of the same files."""
 import io
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from tlapp import decoding
+from tlapp.data import decoding
 
 SIZE = 32
 

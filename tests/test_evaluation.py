@@ -8,7 +8,10 @@ import pytest
 from PIL import Image
 
 import tlapp
-from tlapp import cli, data as data_lib, evaluation, exporting, inference
+from tlapp import cli
+from tlapp.inference import evaluate as evaluation, export as exporting, predict as inference
+from tlapp import constants
+from tlapp.data import decoding
 
 
 def run_cli(capsys, *args):
@@ -38,7 +41,7 @@ def second_run(trained_run, tmp_path_factory):
     base = tmp_path_factory.mktemp("second")
     return tlapp.train(str(trained_run.path.parent / "data"), backbone="vgg16", weights="none",
                        image_size=36, epochs=2, batch_size=8, cache_dir=str(base / "cache"),
-                       out=str(base / "run"), verbose=False)
+                       out=str(base / "run"))
 
 
 @pytest.fixture
@@ -142,6 +145,7 @@ def test_ten_crop_view_geometry():
         assert view[0, -1, 1] == (left if mirrored else left + 31)
 
 
+@pytest.mark.slow
 def test_flip_tta_on_a_mirror_symmetric_image_equals_plain(trained_run, tmp_path):
     rng = np.random.default_rng(3)
     half = rng.uniform(0, 255, (40, 20, 3))
@@ -161,6 +165,7 @@ def test_flip_tta_on_a_mirror_symmetric_image_equals_plain(trained_run, tmp_path
     np.testing.assert_allclose(flip[2], flip[1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_with_ten_crop_writes_its_own_results(trained_run, tmp_path, capsys):
     code, out, err = run_cli(capsys, "evaluate", trained_run.path, "--tta", "10crop",
                              "--out", tmp_path / "eval")
@@ -181,6 +186,7 @@ def test_evaluate_with_ten_crop_writes_its_own_results(trained_run, tmp_path, ca
 
 # --- ensembles --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ensemble_of_a_run_with_itself_equals_the_run(trained_run, some_files):
     alone = tlapp.predict(trained_run, some_files)
     twice = tlapp.predict([trained_run, trained_run], some_files)
@@ -189,6 +195,7 @@ def test_ensemble_of_a_run_with_itself_equals_the_run(trained_run, some_files):
                                probabilities_by_label(alone, labels), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ensemble_averages_runs_of_different_sizes(trained_run, second_run, some_files):
     labels = trained_run.labels
     first = probabilities_by_label(tlapp.predict(trained_run, some_files), labels)
@@ -214,13 +221,14 @@ def test_runs_with_different_labels_are_rejected(trained_run, tmp_path, capsys, 
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_predict_streams_a_large_folder_in_chunks(trained_run, monkeypatch):
     folder = trained_run.path.parent / "data"
     decoded = []
     original = inference._read_and_decode
     monkeypatch.setattr(inference, "_read_and_decode",
                         lambda path, sizes: decoded.append(path) or original(path, sizes))
-    results = tlapp.runs.iter_predictions(trained_run, [str(folder)], batch_size=2)
+    results = tlapp.inference.runs.iter_predictions(trained_run, [str(folder)], batch_size=2)
     first = next(results)
     assert len(decoded) == 8  # one chunk of 4 batches, not the 24 files
     rest = list(results)
@@ -239,6 +247,7 @@ def load_saved_model(path):
     return tf.saved_model.load(str(path))
 
 
+@pytest.mark.slow
 def test_exported_ensemble_with_ten_crop_equals_cli(trained_run, second_run, some_files,
                                                      tmp_path):
     import tensorflow as tf
@@ -266,6 +275,7 @@ def test_exported_ensemble_with_ten_crop_equals_cli(trained_run, second_run, som
     np.testing.assert_allclose(by_pixels[0], expected[some_files.index(png)], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_exported_flip_saved_model_equals_cli(second_run, some_files, capsys):
     import tensorflow as tf
 
@@ -283,6 +293,7 @@ def test_exported_flip_saved_model_equals_cli(second_run, some_files, capsys):
 TFLITE_TOLERANCE = {"none": 1e-5, "float16": 1e-2, "dynamic": 5e-2}  # also in README
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", list(TFLITE_TOLERANCE))
 def test_tflite_export_matches_the_keras_model(second_run, some_files, tmp_path, capsys,
                                                quantize):
@@ -300,7 +311,7 @@ def test_tflite_export_matches_the_keras_model(second_run, some_files, tmp_path,
         warnings.simplefilter("ignore")
         interpreter = Interpreter(model_path=str(out / "model.tflite"))
     runner = interpreter.get_signature_runner("serving_default")
-    pixels = np.stack([data_lib.decode_image(open(f, "rb").read(), 36) for f in some_files])
+    pixels = np.stack([decoding.decode_image(open(f, "rb").read(), 36) for f in some_files])
     lite = np.concatenate([runner(pixels=p[None])["probabilities"] for p in pixels])
     keras_probabilities = second_run.model.predict(pixels, verbose=0)
     assert np.abs(lite - keras_probabilities).max() <= TFLITE_TOLERANCE[quantize]
@@ -319,4 +330,8 @@ def test_export_option_errors(trained_run, tmp_path, capsys, options, message):
 
 
 def test_cli_tta_choices_match_inference():
-    assert cli.TTA_CHOICES == inference.TTA_MODES
+    subcommands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    for command in ("predict", "evaluate", "export"):
+        tta = next(a for a in subcommands[command]._actions if a.dest == "tta")
+        assert tuple(tta.choices) == constants.TTA_MODES
+    assert [inference.check_tta(mode) for mode in constants.TTA_MODES] == ["none", "flip", "10crop"]

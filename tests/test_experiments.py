@@ -75,6 +75,7 @@ def read_rows(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_experiment_writes_one_row_per_run_and_continues_after_a_failure(experiment):
     status, out, _ = experiment
     assert status == 2  # the only failure is bad input
@@ -109,22 +110,21 @@ def test_rerun_skips_finished_runs(experiment, monkeypatch, capsys):
     calls = []
     original = experiments.pipeline.run
     monkeypatch.setattr(experiments.pipeline, "run",
-                        lambda config, verbose=True: calls.append(config.out) or
-                        original(config, verbose))
+                        lambda config: calls.append(config.out) or original(config))
     assert cli.main(["experiment", str(path)]) == 2
     assert calls == [str(out / "broken")]  # only the unfinished run is tried again
     rows = read_rows(out)
     assert [r["status"] for r in rows] == ["failed", "skipped", "skipped"]
     assert rows[2]["cache_reused"] == "15"  # read back from the finished run's metrics
-    assert "finished earlier, skipped" in capsys.readouterr().out
+    assert "finished earlier, skipped" in capsys.readouterr().err
     path.write_text(path.read_text().replace("epochs = 1", "epochs = 2"))
     assert cli.main(["experiment", str(path)]) == 2
-    assert "note: lr=0.01 was trained with epochs=1" in capsys.readouterr().out
+    assert "note: lr=0.01 was trained with epochs=1" in capsys.readouterr().err
     assert [r["status"] for r in read_rows(out)] == ["failed", "skipped", "skipped"]
 
 
 def test_unexpected_errors_are_recorded_and_exit_1(tmp_path, monkeypatch):
-    def fake_run(config, verbose=True):
+    def fake_run(config):
         if config.lr > 0.05:
             raise RuntimeError("out of memory")
         raise UserInputError("bad input")
@@ -132,7 +132,7 @@ def test_unexpected_errors_are_recorded_and_exit_1(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments.pipeline, "run", fake_run)
     path = tmp_path / "exp.toml"
     path.write_text('data = "x"\nweights = "none"\n[sweep]\nlr = [0.01, 0.1]\n')
-    result = experiments.run_experiment(path, out=tmp_path / "out", verbose=False)
+    result = experiments.run_experiment(path, out=tmp_path / "out")
     assert [row["error"] for row in result.rows] == ["UserInputError: bad input",
                                                      "RuntimeError: out of memory"]
     assert result.exit_status == 1

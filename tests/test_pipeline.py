@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,10 @@ import pytest
 
 import tlapp
 from tests.conftest import make_folder
-from tlapp import cli, config as config_lib, data as data_lib
+from tlapp import cli, config as config_lib
+from tlapp.data import datasets
+from tlapp.features import extract
+from tlapp.data import decoding
 
 RUN_FILES = ["config.toml", "labels.txt", "split.json", "history.csv", "metrics.json",
              "model.keras", "saved_model/saved_model.pb", "plots/training_curves.png",
@@ -29,7 +33,10 @@ def test_metrics_and_history_are_in_range(trained_run):
     metrics = json.loads((trained_run.path / "metrics.json").read_text())
     for key in ("val_accuracy", "test_accuracy"):
         assert 0 <= metrics[key] <= 1
-    assert metrics["counts"] | {} == metrics["counts"]
+    counts = metrics["counts"]
+    assert counts["found"] == counts["used"] + counts["skipped"] + counts["ignored"]
+    assert counts["train"] + counts["val"] + counts["test"] == counts["used"]
+    assert counts["per_class"] == {"cat": 8, "dog": 8, "fox": 8}
     assert metrics["counts"]["used"] == 24 and metrics["counts"]["skipped"] == 0
     assert sum(c["support"] for c in metrics["test"]["per_class"].values()) == \
         metrics["counts"]["test"]
@@ -47,20 +54,24 @@ def test_config_toml_reproduces_the_run_settings(trained_run):
     assert config.cut == "conv5_block3_out" and config.image_size == 32
 
 
-def test_second_identical_run_never_runs_the_stem(trained_run, tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_second_identical_run_never_runs_the_stem(trained_run, tmp_path, monkeypatch, caplog):
     def no_images(*args, **kwargs):
         raise AssertionError("the stem ran although every row was cached")
 
-    monkeypatch.setattr(data_lib, "image_dataset", no_images)
+    monkeypatch.setattr(datasets, "image_dataset", no_images)
+    monkeypatch.setattr(extract, "views_dataset", no_images)
     config = trained_run.config.replace(out=str(tmp_path / "again"))
+    caplog.set_level("INFO", "tlapp")
     again = tlapp.pipeline.run(config)
-    assert "cache: 24/24 images already extracted" in capsys.readouterr().out
+    assert "cache: 24/24 images already extracted" in caplog.text
     assert again.metrics["cache"] == trained_run.metrics["cache"] | {"extracted": 0,
                                                                       "reused": 24}
     assert again.metrics["test_accuracy"] == trained_run.metrics["test_accuracy"]
     assert again.metrics["val"] == trained_run.metrics["val"]
 
 
+@pytest.mark.slow
 def test_new_images_extract_only_themselves(trained_run, tmp_path):
     data = tmp_path / "data"
     make_folder(data, per_class=8)  # same pixels as the run's data: same content hashes
@@ -68,11 +79,12 @@ def test_new_images_extract_only_themselves(trained_run, tmp_path):
     from tests.conftest import write_image
     write_image(data / "cat" / "extra.png", 0.02, np.random.default_rng(9))
     config = trained_run.config.replace(data=str(data), out=str(tmp_path / "more"))
-    more = tlapp.pipeline.run(config, verbose=False)
+    more = tlapp.pipeline.run(config)
     assert more.metrics["cache"]["extracted"] == 1
     assert more.metrics["cache"]["reused"] == 24
 
 
+@pytest.mark.slow
 def test_load_run_predicts_like_the_trained_model(trained_run):
     run = tlapp.load_run(trained_run.path)
     files = sorted(str(p) for p in (trained_run.path.parent / "data" / "dog").iterdir())[:3]
@@ -81,7 +93,7 @@ def test_load_run_predicts_like_the_trained_model(trained_run):
     for r in results:
         assert len(r["predictions"]) == 3
         assert abs(sum(p["probability"] for p in r["predictions"]) - 1) < 1e-5
-    pixels = np.stack([data_lib.decode_image(open(f, "rb").read(), 32) for f in files])
+    pixels = np.stack([decoding.decode_image(open(f, "rb").read(), 32) for f in files])
     np.testing.assert_allclose(run.model.predict(pixels, verbose=0),
                                trained_run.model.predict(pixels, verbose=0), atol=1e-6)
 
@@ -99,6 +111,7 @@ print(json.dumps({"probabilities": out["probabilities"].numpy().tolist(),
 """
 
 
+@pytest.mark.slow
 def test_saved_model_in_fresh_process_equals_tlapp_predict(trained_run, capsys):
     files = sorted(str(p) for p in (trained_run.path.parent / "data").rglob("*_0[0-2].*"))
     assert cli.main(["predict", *files, "--model", str(trained_run.path), "--json",
@@ -115,6 +128,17 @@ def test_saved_model_in_fresh_process_equals_tlapp_predict(trained_run, capsys):
         assert name == line["predictions"][0]["label"]
 
 
+@pytest.mark.slow
+def test_predict_in_a_fresh_process_loads_the_run(trained_run):
+    """model.keras holds tlapp's own layers; a new process must know them before loading."""
+    image = next((trained_run.path.parent / "data" / "cat").iterdir())
+    result = subprocess.run([sys.executable, "-m", "tlapp", "predict", str(image), "--model",
+                             str(trained_run.path), "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["predictions"][0]["label"] in trained_run.labels
+
+
+@pytest.mark.slow
 def test_saved_model_pixel_signature(trained_run):
     import tensorflow as tf
 
@@ -126,6 +150,7 @@ def test_saved_model_pixel_signature(trained_run):
     assert out["class_index"].shape == (2,)
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_commands(trained_run, tmp_path, capsys):
     assert cli.main(["evaluate", str(trained_run.path)]) == 0
     assert "accuracy" in capsys.readouterr().out
@@ -137,11 +162,12 @@ def test_evaluate_and_export_commands(trained_run, tmp_path, capsys):
     assert (tmp_path / "sm" / "assets" / "labels.txt").read_text().split() == trained_run.labels
 
 
+@pytest.mark.slow
 def test_spatial_cut_trains_the_top_and_saves_consistently(tmp_path):
     data = make_folder(tmp_path / "data", per_class=5)
     run = tlapp.train(str(data), backbone="vgg16", weights="none", trainable_blocks=1,
                       image_size=32, epochs=2, batch_size=8, cache_dir=str(tmp_path / "cache"),
-                      out=str(tmp_path / "run"), verbose=False)
+                      out=str(tmp_path / "run"))
     assert run.config.cut == "block4_pool"
     assert run.metrics["cache"]["extracted"] == 15
     reloaded = tlapp.load_run(run.path).model
@@ -158,16 +184,75 @@ def test_existing_output_folder_is_refused(trained_run):
         tlapp.pipeline.run(trained_run.config)
 
 
+@pytest.mark.slow
 def test_tfds_dataset_trains_through_the_folder_path(tmp_path):
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=100):
         run = tlapp.train("tfds:mnist", backbone="vgg16", weights="none", image_size=32,
-                          epochs=1, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"),
-                          verbose=False)
+                          epochs=1, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"))
     assert run.config.data == "tfds:mnist"
     assert len(run.labels) == 10 and run.labels[3] == "3_3"
     assert run.metrics["counts"]["train"] == 100 and run.metrics["counts"]["test"] == 100
     assert (tmp_path / "cache" / "tfds" / "mnist" / "val").is_dir()
     split = json.loads((run.path / "split.json").read_text())
     assert all(p.startswith("train/") for p in split["train"])
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.slow
+def test_trainings_in_one_process_do_not_leak_file_descriptors(tmp_path):
+    """Each run's feature loaders are closed: a long experiment does not run out of files."""
+    data = make_folder(tmp_path / "data", per_class=4)
+
+    def train(name):
+        tlapp.train(str(data), backbone="mobilenet_v2", weights="none", image_size=32,
+                    epochs=1, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / name))
+
+    train("first")  # TensorFlow opens what it keeps for the process during the first run
+    before = open_descriptors()
+    for name in ("second", "third"):
+        train(name)
+    assert open_descriptors() <= before
+
+
+def test_feature_loader_closes_its_shards(trained_run):
+    from tlapp.features.cache import FeatureCache, read_manifest
+    from tlapp.features.loader import FeatureLoader
+
+    entry = next(p for p in (trained_run.path.parent / "cache").iterdir()
+                 if (p / "manifest.json").is_file())
+    manifest = read_manifest(entry)
+    cache = FeatureCache(trained_run.config.cache_dir, manifest["key"])
+    digests = [row for shard in manifest["shards"] for row in shard["rows"]]
+    before = open_descriptors()
+    with FeatureLoader(cache, digests, np.zeros(len(digests), np.int32), 3) as loader:
+        loader(np.arange(len(digests), dtype=np.int64))
+        assert open_descriptors() > before
+    assert open_descriptors() == before
+
+
+@pytest.mark.slow
+def test_log_file_output_has_one_line_per_epoch(tmp_path):
+    """Output that is not a terminal gets one line per epoch, not every step's redraw, and no
+    TensorFlow start-up lines."""
+    data = make_folder(tmp_path / "data", per_class=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "tlapp", "train", str(data), "--backbone", "vgg16", "--weights",
+         "none", "--image-size", "32", "--epochs", "3", "--batch-size", "2", "--cache-dir",
+         str(tmp_path / "cache"), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout + result.stderr
+    assert "\r" not in text and "\b" not in text and "\x1b[" not in text
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/3", "2/3", "3/3"]
+    steps = [line for line in result.stdout.splitlines() if " - loss: " in line]
+    assert len(steps) == 3  # one summary line per epoch
+    for noise in ("oneDNN", "cuda drivers", "cuInit", "absl::InitializeLog"):
+        assert noise not in text
+    assert "scan: used 12 of 12 files" in result.stderr
+    assert "done: val accuracy" in result.stderr

@@ -5,7 +5,13 @@ import pytest
 
 import tlapp
 from tests.conftest import make_folder
-from tlapp import cli, data as data_lib, training
+from tlapp import cli
+from tlapp.backbones import registry
+from tlapp.training import head
+from tlapp.training import checkpoint
+from tlapp.data import datasets
+from tlapp.data import decoding
+from tlapp.training import fit
 
 
 class Killed(BaseException):
@@ -15,7 +21,7 @@ class Killed(BaseException):
 def pixels_of(run_or_folder, size=32, n=6):
     files = sorted((run_or_folder / "cat").iterdir())[:n // 2] + \
         sorted((run_or_folder / "fox").iterdir())[:n - n // 2]
-    return np.stack([data_lib.decode_image(f.read_bytes(), size) for f in files])
+    return np.stack([decoding.decode_image(f.read_bytes(), size) for f in files])
 
 
 def small(tmp_path, name="run", **options):
@@ -23,7 +29,7 @@ def small(tmp_path, name="run", **options):
     if not data.exists():
         make_folder(data, per_class=6)
     settings = dict(backbone="vgg16", weights="none", image_size=32, epochs=3, batch_size=4,
-                    cache_dir=str(tmp_path / "cache"), out=str(tmp_path / name), verbose=False)
+                    cache_dir=str(tmp_path / "cache"), out=str(tmp_path / name))
     return tlapp.train(str(data), **(settings | options))
 
 
@@ -32,10 +38,11 @@ def history(run):
         return [(row["stage"], int(row["epoch"])) for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_stage_two_starts_exactly_from_stage_one(tmp_path, monkeypatch):
     x = pixels_of(make_folder(tmp_path / "data", per_class=6))
     seen = {}
-    real_fit_stage = training.fit_stage
+    real_fit_stage = fit.fit_stage
 
     def recording_fit_stage(stage, model, *args, **kwargs):
         rows = real_fit_stage(stage, model, *args, **kwargs)
@@ -43,15 +50,15 @@ def test_stage_two_starts_exactly_from_stage_one(tmp_path, monkeypatch):
             seen["stage 1 end"] = np.asarray(kwargs["checkpoint"].full_model(x))
         return rows
 
-    real_begin = training.Reseed.on_epoch_begin
+    real_begin = fit.Reseed.on_epoch_begin
 
     def recording_begin(self, epoch, logs=None):
         if self.model.name.startswith("tlapp_") and "stage 2 start" not in seen:
             seen["stage 2 start"] = np.asarray(self.model(x))
         real_begin(self, epoch, logs)
 
-    monkeypatch.setattr(training, "fit_stage", recording_fit_stage)
-    monkeypatch.setattr(training.Reseed, "on_epoch_begin", recording_begin)
+    monkeypatch.setattr(fit, "fit_stage", recording_fit_stage)
+    monkeypatch.setattr(fit.Reseed, "on_epoch_begin", recording_begin)
     run = small(tmp_path, fine_tune_epochs=2)
     np.testing.assert_allclose(seen["stage 2 start"], seen["stage 1 end"], atol=1e-6)
     assert not np.allclose(np.asarray(run.model(x)), seen["stage 1 end"], atol=1e-6)
@@ -59,10 +66,11 @@ def test_stage_two_starts_exactly_from_stage_one(tmp_path, monkeypatch):
                             ("fine_tune", 1), ("fine_tune", 2)]
 
 
+@pytest.mark.slow
 def test_fine_tuning_unfreezes_one_block_and_keeps_batchnorm_statistics(tmp_path):
     run = small(tmp_path, backbone="resnet50", epochs=1, fine_tune_epochs=1)
     base = run.model.get_layer("resnet50")
-    fresh = tlapp.backbones.build_backbone(tlapp.backbones.get_spec("resnet50"), "none", 32)
+    fresh = registry.build_backbone(registry.get_spec("resnet50"), "none", 32)
     bn, fresh_bn = base.get_layer("conv5_block3_3_bn"), fresh.get_layer("conv5_block3_3_bn")
     np.testing.assert_array_equal(np.asarray(bn.moving_mean), np.asarray(fresh_bn.moving_mean))
     for name, trains in (("conv5_block3_3_conv", True), ("conv5_block2_3_conv", False)):
@@ -71,13 +79,14 @@ def test_fine_tuning_unfreezes_one_block_and_keeps_batchnorm_statistics(tmp_path
         assert same != trains, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn_trainable", [False, True])
 def test_bn_trainable_decides_whether_batchnorm_learns(bn_trainable):
     import keras
 
-    spec = tlapp.backbones.get_spec("resnet50")
-    base = tlapp.backbones.build_backbone(spec, "none", 32)
-    tlapp.head.set_trainable(base, "conv5_block2_out", bn_trainable)
+    spec = registry.get_spec("resnet50")
+    base = registry.build_backbone(spec, "none", 32)
+    head.set_trainable(base, "conv5_block2_out", bn_trainable)
     bn = base.get_layer("conv5_block3_3_bn")
     assert bn.trainable == bn_trainable
     assert not base.get_layer("conv5_block2_3_bn").trainable  # below the cut: frozen
@@ -88,9 +97,10 @@ def test_bn_trainable_decides_whether_batchnorm_learns(bn_trainable):
     assert np.array_equal(np.asarray(bn.moving_mean), before) != bn_trainable
 
 
+@pytest.mark.slow
 def test_from_scratch_trains_every_layer(tmp_path):
     run = small(tmp_path, trainable_blocks="all", epochs=1)
-    fresh = tlapp.backbones.build_backbone(tlapp.backbones.get_spec("vgg16"), "none", 32)
+    fresh = registry.build_backbone(registry.get_spec("vgg16"), "none", 32)
     first = run.model.get_layer("vgg16").get_layer("block1_conv1")
     assert not np.array_equal(np.asarray(first.kernel),
                               np.asarray(fresh.get_layer("block1_conv1").kernel))
@@ -107,28 +117,29 @@ def uninterrupted(tmp_path_factory):
     return base, small(base, "whole", **RESUME_OPTIONS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [("head", 2), ("fine_tune", 1)])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(uninterrupted, monkeypatch, capsys,
                                                          kill_at):
     """Also the reproducibility test: same seed and data, same weights and metrics."""
     tmp_path, whole = uninterrupted
     broken = f"broken_{kill_at[0]}"
-    real_save = training.Checkpoint.save
+    real_save = checkpoint.Checkpoint.save
 
     def save_then_die(self, state):
         real_save(self, state)
         if (state["stage"], state["epoch"]) == kill_at and kill_at[0] not in state["finished"]:
             raise Killed()
 
-    monkeypatch.setattr(training.Checkpoint, "save", save_then_die)
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", save_then_die)
     with pytest.raises(Killed):
         small(tmp_path, broken, **RESUME_OPTIONS)
     assert not (tmp_path / broken).exists()  # never presented as finished
     assert (tmp_path / f".{broken}.partial" / "checkpoints" / "state.json").is_file()
-    monkeypatch.setattr(training.Checkpoint, "save", real_save)
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", real_save)
 
     assert cli.main(["train", "--resume", str(tmp_path / broken)]) == 0
-    assert f"resuming after epoch {kill_at[1]}" in capsys.readouterr().out
+    assert f"resuming after epoch {kill_at[1]}" in capsys.readouterr().err
     resumed = tlapp.load_run(tmp_path / broken)
     assert history(resumed) == history(whole)
     x = pixels_of(tmp_path / "data")
@@ -144,6 +155,7 @@ def test_nothing_to_resume_is_a_user_error(tmp_path, capsys):
     assert "Nothing to resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_controls_run(tmp_path):
     run = small(tmp_path, optimizer="adamw", lr_schedule="plateau", label_smoothing=0.1,
                 early_stopping=1, epochs=2, cache="off", mixed_precision=True, jit=True)
@@ -175,6 +187,7 @@ def test_bad_training_flags_exit_2(tmp_path, capsys, flag, value, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cached_augmented_views_end_to_end(tmp_path):
     run = small(tmp_path, "views", augment="flip,color=20,pca=0.1", aug_views=3, epochs=2)
     assert run.metrics["cache"]["extracted"] == 18 * 3
@@ -184,13 +197,14 @@ def test_cached_augmented_views_end_to_end(tmp_path):
     assert again.metrics["test"] == run.metrics["test"]
 
 
+@pytest.mark.slow
 def test_live_augmentation_is_applied_and_reproducible(tmp_path):
     folder = make_folder(tmp_path / "data", per_class=2)
     paths = sorted(folder.rglob("*.png"))
     labels = np.zeros(len(paths), np.int32)
-    plain = training.image_source(paths, labels, 32, 3)
-    augmented = training.image_source(paths, labels, 32, 3, augment="flip,rotate=20", seed=1)
-    again = training.image_source(paths, labels, 32, 3, augment="flip,rotate=20", seed=1)
+    plain = datasets.image_loader(paths, labels, 32, 3)
+    augmented = datasets.image_loader(paths, labels, 32, 3, fit.augmentation("flip,rotate=20", 1))
+    again = datasets.image_loader(paths, labels, 32, 3, fit.augmentation("flip,rotate=20", 1))
     first = np.asarray(augmented(0, 0)[0])
     assert not np.allclose(first, np.asarray(plain(0, 0)[0]))
     assert not np.allclose(first, np.asarray(augmented(0, 1)[0]))  # new draw each epoch

@@ -5,16 +5,16 @@ use, so `import tlapp` (and `tlapp --help`) does not wait for TensorFlow.
 """
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 _API = {
     "Config": ("tlapp.config", "Config"),
-    "UserInputError": ("tlapp.config", "UserInputError"),
-    "Run": ("tlapp.runs", "Run"),
+    "UserInputError": ("tlapp.errors", "UserInputError"),
+    "Run": ("tlapp.inference.runs", "Run"),
     "train": ("tlapp.pipeline", "train"),
-    "evaluate": ("tlapp.runs", "evaluate_run"),
-    "predict": ("tlapp.runs", "predict"),
-    "load_run": ("tlapp.runs", "load_run"),
-    "export": ("tlapp.exporting", "export_saved_model"),
+    "evaluate": ("tlapp.inference.evaluate", "evaluate_run"),
+    "predict": ("tlapp.inference.runs", "predict"),
+    "load_run": ("tlapp.inference.runs", "load_run"),
+    "export": ("tlapp.inference.export", "export_saved_model"),
 }
 __all__ = sorted(_API)
 

@@ -1,11 +1,14 @@
-"""Run configuration: one frozen dataclass, TOML loading and writing, validation.
+"""Run configuration: one frozen dataclass whose fields carry their default, type and help.
 
-Every CLI flag of `tlapp train` is a field here, so a TOML file can set it too.
+Every field is a flag of `tlapp train` (generated from this file by `tlapp.cli`) and a key of
+a TOML config file; `to_toml` writes the fully resolved config of a run.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,17 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
+from tlapp.augment.spec import parse_spec
+from tlapp.constants import DEFAULT_MAX_PIXELS
+from tlapp.errors import UserInputError
 
-class UserInputError(ValueError):
-    """Bad usage or bad input: the CLI prints the message and exits with status 2."""
+
+def setting(default: Any, help: str, choices: tuple | None = None, metavar: str | None = None,
+            flag: bool = True) -> Any:
+    """A Config field with its help text; `choices` are checked by `validate` and listed by
+    the CLI; flag=False keeps it off the command line (DATA is positional)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "metavar": metavar, "flag": flag})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,40 +38,70 @@ class Config:
     `trainable_blocks`, `cache_dir` from the environment, `out` from the time.
     """
 
-    data: str = ""
-    backbone: str = "resnet50"
-    weights: str = "imagenet"  # imagenet | none | PATH to a weights file (| saved: .keras)
-    cut: str | None = None  # layer name; the stem ends here ("input": nothing frozen)
-    trainable_blocks: int | str | None = None  # top blocks left trainable; 0 = head; "all"
-    image_size: int | None = None
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    dropout: float = 0.2
-    cache: str = "on"  # on: train stage 1 on cached activations; off: run the stem every step
-    aug_views: int = 1  # cached views per image: view 0 plain, views 1.. augmented
-    cache_dtype: str = "auto"  # auto: float16 for spatial activations, float32 for pooled
-    cache_shard_mb: int = 64  # size bound of one cache shard
-    optimizer: str = "adam"  # adam | sgd (momentum 0.9, Nesterov) | adamw
-    lr_schedule: str = "constant"  # constant | cosine | plateau
-    label_smoothing: float = 0.0
-    early_stopping: int = 0  # patience in epochs on validation loss; 0 = off
-    fine_tune_epochs: int = 0  # stage 2: epochs of live fine-tuning; 0 = no stage 2
-    fine_tune_blocks: int = 1  # stage 2 unfreezes this many more blocks
-    fine_tune_cut: str | None = None  # or: stage 2 unfreezes everything above this layer
-    fine_tune_lr: float | None = None  # default: lr / 10
-    bn_trainable: bool = False  # BatchNormalization layers train (batch statistics)
-    mixed_precision: bool = False
-    jit: bool = False
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    cache_dir: str | None = None
-    out: str | None = None
-    seed: int = 0
-    augment: str | None = None  # e.g. "flip,crop=0.875,rotate=15"; see augment_spec.OPS
-    preprocess: str | None = None  # none | caffe | tf | torch; for .keras backbones only
-    max_pixels: int = 200_000_000  # larger images (decompression bombs) are skipped
-    class_weight: str = "none"  # none | auto: weight the loss by inverse class frequency
+    data: str = setting("", "folder with one subfolder per class, or train/ val/ test/, or "
+                            "tfds:NAME", flag=False)
+    backbone: str = setting("resnet50", "backbone name (see 'tlapp backbones') or PATH.keras")
+    weights: str = setting("imagenet", "imagenet, none (random init) or PATH to a weights file; "
+                                       "for a .keras backbone, saved (its own weights; "
+                                       "imagenet means the same)")
+    cut: str | None = setting(None, "layer where the frozen stem ends (see 'tlapp backbones "
+                                    "NAME'); 'input' freezes nothing", metavar="LAYER")
+    trainable_blocks: int | str | None = setting(
+        None, "leave the top N blocks trainable; 0 trains only the head; 'all' trains every "
+              "layer on images (default 0; 'all' for lenet5, alexnet)", metavar="N")
+    image_size: int | None = setting(None, "square input size in pixels; default: the "
+                                           "backbone's own", metavar="N")
+    epochs: int = setting(10, "training epochs of stage 1", metavar="N")
+    batch_size: int = setting(32, "batch size", metavar="N")
+    lr: float = setting(1e-3, "learning rate", metavar="X")
+    dropout: float = setting(0.2, "dropout before the softmax layer", metavar="X")
+    cache: str = setting("on", "on: stage 1 trains on cached activations; off: the frozen stem "
+                               "runs on every image every step", choices=("on", "off"))
+    aug_views: int = setting(1, "cache K views per image: view 0 plain, views 1..K-1 augmented "
+                                "with --augment; training reads a different view each epoch",
+                             metavar="K")
+    cache_dtype: str = setting("auto", "auto: float16 for spatial activations, float32 for "
+                                       "pooled", choices=("auto", "float16", "float32"))
+    cache_shard_mb: int = setting(64, "size bound of one cache shard in MiB", metavar="MB")
+    optimizer: str = setting("adam", "adam, sgd (momentum 0.9, Nesterov) or adamw",
+                             choices=("adam", "sgd", "adamw"))
+    lr_schedule: str = setting("constant", "constant, cosine or plateau (reduce on plateau)",
+                               choices=("constant", "cosine", "plateau"))
+    label_smoothing: float = setting(0.0, "label smoothing in [0, 1)", metavar="X")
+    early_stopping: int = setting(0, "stop after N epochs without a lower val loss and keep "
+                                     "the best weights; 0 = off", metavar="N")
+    fine_tune_epochs: int = setting(0, "stage 2: fine-tune deeper on images for N epochs; "
+                                       "0 = no stage 2", metavar="N")
+    fine_tune_blocks: int = setting(1, "stage 2 unfreezes N more blocks", metavar="N")
+    fine_tune_cut: str | None = setting(None, "or: stage 2 unfreezes everything above this "
+                                              "layer", metavar="LAYER")
+    fine_tune_lr: float | None = setting(None, "stage 2 learning rate (default lr / 10)",
+                                         metavar="X")
+    bn_trainable: bool = setting(False, "let BatchNormalization layers train (default: "
+                                        "frozen, inference mode)")
+    mixed_precision: bool = setting(False, "mixed_float16 compute (GPU speed-up; works but "
+                                           "slow on CPU)")
+    jit: bool = setting(False, "compile training steps with XLA")
+    val_fraction: float = setting(0.1, "fraction of each class held out for validation",
+                                  metavar="X")
+    test_fraction: float = setting(0.1, "fraction of each class held out for test",
+                                   metavar="X")
+    cache_dir: str | None = setting(None, "feature cache folder (default $TLAPP_CACHE_DIR, "
+                                          "else $XDG_CACHE_HOME/tlapp or ~/.cache/tlapp)",
+                                    metavar="DIR")
+    out: str | None = setting(None, "run folder to write (default models/BACKBONE-TIME)",
+                              metavar="RUN")
+    seed: int = setting(0, "random seed", metavar="N")
+    augment: str | None = setting(None, "augmentation spec, e.g. flip,crop=0.875,rotate=15,"
+                                        "color=20 (README 'Augmentation'); applied to live "
+                                        "training and to cached views (--aug-views)",
+                                  metavar="SPEC")
+    preprocess: str | None = setting(None, "for a .keras backbone: none (default), caffe, tf "
+                                           "or torch", metavar="MODE")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "skip images larger than this many pixels",
+                              metavar="N")
+    class_weight: str = setting("none", "none, or auto: weight the loss by inverse class "
+                                        "frequency", choices=("none", "auto"))
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))
@@ -70,13 +111,13 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-CHOICES = {"cache": ("on", "off"), "cache_dtype": ("auto", "float16", "float32"), "optimizer": ("adam", "sgd", "adamw"),
-           "lr_schedule": ("constant", "cosine", "plateau")}
 
 
-def _field_type(name: str) -> type:
-    return _TYPES[FIELDS[name].type.split(" |")[0]]
+@functools.cache
+def field_types(name: str) -> tuple[type, ...]:
+    """The types a field accepts, None excluded: (str,), (int,), (int, str) ..."""
+    hint = typing.get_type_hints(Config)[name]
+    return tuple(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> Config:
@@ -88,17 +129,14 @@ def from_dict(values: dict[str, Any], source: str = "config") -> Config:
             raise UserInputError(
                 f"{source}: unknown key '{key}'. Valid keys: {', '.join(sorted(FIELDS))}."
             )
-        want = _field_type(name)
-        if name == "trainable_blocks" and value == "all":
-            want = str
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
+        types = field_types(name)
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if name == "trainable_blocks" and value == "all":
-            want = str
-        if value is not None and (not isinstance(value, want)
-                                  or (isinstance(value, bool) and want is not bool)):
+        if value is not None and (not isinstance(value, types)
+                                  or (isinstance(value, bool) and bool not in types)):
+            wanted = " or ".join(t.__name__ for t in types)
             raise UserInputError(
-                f"{source}: '{key}' must be {want.__name__}. Received: {key}={value!r}"
+                f"{source}: '{key}' must be {wanted}. Received: {key}={value!r}"
             )
         clean[name] = value
     return validate(Config(**clean))
@@ -164,12 +202,13 @@ def validate(config: Config) -> Config:
           "such that val_fraction + test_fraction < 1")
     check(config.image_size is None or config.image_size >= 1, "image_size", "positive")
     check(config.max_pixels >= 1, "max_pixels", "at least 1")
-    check(config.class_weight in ("none", "auto"), "class_weight", "'none' or 'auto'")
     check(config.trainable_blocks in (None, "all") or (
         isinstance(config.trainable_blocks, int) and config.trainable_blocks >= 0),
         "trainable_blocks", "0 or more, or 'all'")
-    for key, choices in CHOICES.items():
-        check(getattr(config, key) in choices, key, "one of " + ", ".join(choices))
+    for name, field in FIELDS.items():
+        choices = field.metadata["choices"]
+        if choices:
+            check(getattr(config, name) in choices, name, "one of " + ", ".join(choices))
     check(0 <= config.label_smoothing < 1, "label_smoothing", "in [0, 1)")
     check(config.aug_views >= 1, "aug_views", "at least 1")
     check(config.aug_views == 1 or config.augment is not None, "aug_views",
@@ -189,8 +228,6 @@ def validate(config: Config) -> Config:
             f"Received: cut={config.cut!r}, trainable_blocks={config.trainable_blocks}"
         )
     if config.augment is not None:  # stored in canonical form, every value explicit
-        from tlapp.augment_spec import parse_spec  # imported here: it imports this module
-
         config = dataclasses.replace(config, augment=str(parse_spec(config.augment)) or None)
     return config
 

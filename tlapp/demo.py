@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -11,8 +12,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tlapp import backbones, pipeline, runs
-from tlapp.config import UserInputError
+from tlapp import pipeline
+from tlapp.backbones import registry
+from tlapp.errors import UserInputError
+from tlapp.inference.runs import Run
+
+log = logging.getLogger(__name__)
 
 CLASSES = ("checks", "dots", "rings", "stripes")
 HUES = {"checks": 0.6, "dots": 0.0, "rings": 0.33, "stripes": 0.15}  # each class's colour family
@@ -82,38 +87,39 @@ print(json.dumps([{"class_name": n.decode(), "probability": float(max(p))}
 
 
 def run_demo(out: str | Path = "models/demo", cache_dir: str | None = None,
-             epochs: int = 20) -> runs.Run:
+             epochs: int = 20) -> Run:
     """Writes the demo data, trains, exports, reloads the SavedModel in a fresh process, predicts."""
     out = Path(out)
     data = out / "data"
     if not data.is_dir():
-        print(f"demo: writing {len(CLASSES)} classes of synthetic textures to {data}")
+        log.info("demo: writing %d classes of synthetic textures to %s", len(CLASSES), data)
         write_demo_data(data)
     run_dir = out / "run"
     if run_dir.exists():
-        print(f"demo: replacing the previous demo run in {run_dir}")
+        log.info("demo: replacing the previous demo run in %s", run_dir)
         shutil.rmtree(run_dir)
 
-    spec = backbones.get_spec(BACKBONE)
+    spec = registry.get_spec(BACKBONE)
     weights = "imagenet"
     try:
-        backbones.build_backbone(spec, "imagenet", IMAGE_SIZE)
+        registry.build_backbone(spec, "imagenet", IMAGE_SIZE)
     except UserInputError:
-        print(f"demo: ImageNet weights for {BACKBONE} could not be downloaded; continuing with "
-              f"random initialisation (--weights none)")
+        log.warning("demo: ImageNet weights for %s could not be downloaded; continuing with "
+                    "random initialisation (--weights none)", BACKBONE)
         weights = "none"
     run = pipeline.train(str(data), backbone=BACKBONE, weights=weights, image_size=IMAGE_SIZE,
                          epochs=epochs, out=str(run_dir), cache_dir=cache_dir)
     chance = 1 / len(CLASSES)
-    print(f"demo: test accuracy {run.metrics['test_accuracy']:.1%} "
-          f"(chance is {chance:.0%}) with {weights} weights")
+    log.info("demo: test accuracy %.1f%% (chance is %.0f%%) with %s weights",
+             100 * run.metrics["test_accuracy"], 100 * chance, weights)
 
     samples = [str(data / kind / f"{kind}_001.png") for kind in CLASSES]
     served = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, str(run_dir / "saved_model"),
                              *samples], capture_output=True, text=True, check=True)
     answers = json.loads(served.stdout.strip().splitlines()[-1])
-    print("demo: the SavedModel, reloaded in a fresh Python process, predicts:")
-    for path, answer in zip(samples, answers):
-        print(f"  {Path(path).name:16s} -> {answer['class_name']} ({answer['probability']:.1%})")
-    print(f"demo: done. Run folder: {run_dir}  (try: tlapp predict {samples[0]} --model {run_dir})")
+    log.info("demo: the SavedModel, reloaded in a fresh Python process, predicts:\n%s",
+             "\n".join(f"  {Path(path).name:16s} -> {answer['class_name']} "
+                       f"({answer['probability']:.1%})" for path, answer in zip(samples, answers)))
+    log.info("demo: done. Run folder: %s  (try: tlapp predict %s --model %s)", run_dir,
+             samples[0], run_dir)
     return run

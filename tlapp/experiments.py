@@ -22,6 +22,7 @@ import dataclasses
 import io
 import itertools
 import json
+import logging
 import re
 import shutil
 import traceback
@@ -29,8 +30,12 @@ from pathlib import Path
 
 import keras
 
-from tlapp import cache as cache_lib, config as config_lib, pipeline, report
-from tlapp.config import UserInputError
+from tlapp import config as config_lib, pipeline
+from tlapp.errors import UserInputError
+from tlapp.files import write_text
+from tlapp.reporting.plots import plot_results
+
+log = logging.getLogger(__name__)
 
 SHARED_KEYS = ("cache_dir", "out")  # one per experiment: set at the top level only
 COLUMNS = ["status", "val_accuracy", "test_accuracy", "train_s", "extract_s",
@@ -49,14 +54,15 @@ class ExperimentResult:
     out: Path
     keys: list[str]  # the varying settings, one results column each
     rows: list[dict]  # one per run: run, the keys, then COLUMNS
+    bad_input: set[str] = dataclasses.field(default_factory=set)  # runs failed by bad input
 
     @property
     def exit_status(self) -> int:
         """0 if every run finished; 2 if the failures are all bad input; else 1."""
-        failed = [row for row in self.rows if row["status"] == "failed"]
+        failed = {row["run"] for row in self.rows if row["status"] == "failed"}
         if not failed:
             return 0
-        return 2 if all(row["error"].startswith("UserInputError") for row in failed) else 1
+        return 2 if failed <= self.bad_input else 1
 
 
 def expand(sweep: dict[str, list], runs: list[dict]) -> list[dict]:
@@ -151,8 +157,7 @@ def _check_keys(values: dict, where: str, allowed: tuple[str, ...] = (),
                                  f"set it at the top of the file (or use --out).")
 
 
-def run_experiment(path: str | Path, out: str | Path | None = None,
-                   verbose: bool = True) -> ExperimentResult:
+def run_experiment(path: str | Path, out: str | Path | None = None) -> ExperimentResult:
     """Runs (or resumes) every run of an experiment file and writes the results tables.
 
     Args:
@@ -174,50 +179,46 @@ def run_experiment(path: str | Path, out: str | Path | None = None,
         shutil.copyfile(path, out / "experiment.toml")  # what the results came from
     keys = list(dict.fromkeys(k for run in planned for k in run.settings))
     result = ExperimentResult(out, keys, [])
-    if verbose:
-        print(f"experiment: {len(planned)} runs in {out}, feature cache {cache_dir}")
+    log.info("experiment: %d runs in %s, feature cache %s", len(planned), out, cache_dir)
     for number, run in enumerate(planned, 1):
         folder = out / run.name
         row = {"run": run.name, **{k: "" if run.settings[k] is None else run.settings[k]
                                    for k in keys}}
         if (folder / "metrics.json").is_file():
             row |= _metrics_row(json.loads((folder / "metrics.json").read_text()), "skipped")
-            if verbose:
-                print(f"experiment: run {number}/{len(planned)} {run.name}: finished earlier, "
-                      f"skipped (delete {folder} to run it again)")
-                changed = _changed_settings(folder, run.values)
-                if changed:
-                    print(f"experiment: note: {run.name} was trained with {changed}; "
-                          f"the file now says otherwise")
+            log.info("experiment: run %d/%d %s: finished earlier, skipped (delete %s to run "
+                     "it again)", number, len(planned), run.name, folder)
+            changed = _changed_settings(folder, run.values)
+            if changed:
+                log.warning("experiment: note: %s was trained with %s; the file now says "
+                            "otherwise", run.name, changed)
         else:
-            if verbose:
-                print(f"experiment: run {number}/{len(planned)} {run.name}")
-            row |= _train(run, folder, cache_dir, verbose)
+            log.info("experiment: run %d/%d %s", number, len(planned), run.name)
+            row |= _train(run, folder, cache_dir, result)
         result.rows.append(row)
         write_results(result)
-    report.plot_results(result.rows, out / "plots" / "results.png")
-    if verbose:
-        counts = {s: sum(r["status"] == s for r in result.rows)
-                  for s in ("trained", "skipped", "failed")}
-        print(results_table(result))
-        print(f"experiment: {counts['trained']} trained, {counts['skipped']} skipped "
-              f"(finished earlier), {counts['failed']} failed; results in {out / 'results.md'}")
+    plot_results(result.rows, out / "plots" / "results.png")
+    counts = {s: sum(r["status"] == s for r in result.rows)
+              for s in ("trained", "skipped", "failed")}
+    log.info("experiment: %d trained, %d skipped (finished earlier), %d failed; results in %s",
+             counts["trained"], counts["skipped"], counts["failed"], out / "results.md")
     return result
 
 
-def _train(run: PlannedRun, folder: Path, cache_dir: Path, verbose: bool) -> dict:
+def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentResult) -> dict:
     keras.backend.clear_session()  # free the previous run's graphs; stable layer names
     errors = folder.parent / "errors" / f"{run.name}.txt"
     try:
         config = config_lib.from_dict(
             run.values | {"out": str(folder), "cache_dir": str(cache_dir)}, f"run {run.name}")
-        finished = pipeline.run(config, verbose=verbose)
-    except Exception as e:
+        finished = pipeline.run(config)
+    except Exception as e:  # recorded, and the other runs go on
         message = f"{type(e).__name__}: {e}"
+        if isinstance(e, UserInputError):
+            result.bad_input.add(run.name)
         errors.parent.mkdir(exist_ok=True)
-        errors.write_text(traceback.format_exc())
-        if verbose:
-            print(f"experiment: run {run.name} failed ({message}); continuing")
+        write_text(errors, traceback.format_exc())
+        log.warning("experiment: run %s failed (%s); continuing", run.name, message)
         return {"status": "failed", "error": message}
     errors.unlink(missing_ok=True)
     return _metrics_row(finished.metrics, "trained")
@@ -250,13 +251,13 @@ def write_results(result: ExperimentResult) -> None:
     writer = csv.DictWriter(text, fields, restval="")
     writer.writeheader()
     writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in result.rows])
-    cache_lib.write_atomic(result.out / "results.csv", lambda p: p.write_text(text.getvalue()))
+    write_text(result.out / "results.csv", text.getvalue())
     markdown = f"# Experiment results: {result.out.name}\n\n{results_table(result)}\n"
     failed = [row for row in result.rows if row["status"] == "failed"]
     if failed:
         markdown += "\nFailed runs (tracebacks in errors/):\n\n" + "".join(
             f"- {row['run']}: {row['error']}\n" for row in failed)
-    cache_lib.write_atomic(result.out / "results.md", lambda p: p.write_text(markdown))
+    write_text(result.out / "results.md", markdown)
 
 
 def results_table(result: ExperimentResult) -> str:

@@ -1,0 +1,1 @@
+"""Backbones: the registry (name or path -> spec), families, cut points and costs."""

@@ -1,0 +1,102 @@
+"""Commands on finished runs: evaluate, predict, export."""
+from __future__ import annotations
+
+import json
+
+from tlapp.constants import TTA_MODES
+from tlapp.errors import UserInputError
+
+TTA_HELP = ("test-time augmentation: none (default), flip (image and mirror) or 10crop "
+            "(corners and centre, each mirrored); probabilities are averaged")
+
+
+def add_parsers(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a run (or an ensemble) on its test split or a folder",
+        description="Writes metrics.json (under 'evaluate'), confusion_matrix.csv, "
+                    "misclassified.csv and plots/confusion_matrix.png.")
+    evaluate.add_argument("run", nargs="?", metavar="RUN", help="run folder")
+    evaluate.add_argument("--model", action="append", metavar="RUN",
+                          help="run folder; repeat to evaluate an ensemble (averaged)")
+    evaluate.add_argument("--data", help="evaluate on every image of this folder instead")
+    evaluate.add_argument("--tta", choices=TTA_MODES, default="none", help=TTA_HELP)
+    evaluate.add_argument("--out", help="folder for the results (default: the run folder; "
+                                        "for an ensemble models/ensemble-TIME)")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="classify images with a trained run")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                         help="image files, folders or globs")
+    predict.add_argument("--model", action="append", required=True, metavar="RUN",
+                         help="run folder (repeat to average several runs)")
+    predict.add_argument("--top-k", type=int, default=3, help="labels to show per image")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--tta", choices=TTA_MODES, default="none", help=TTA_HELP)
+    predict.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser("export", help="export a run or an ensemble (SavedModel, TFLite)")
+    export.add_argument("run", nargs="?", metavar="RUN", help="run folder")
+    export.add_argument("--ensemble", nargs="+", metavar="RUN",
+                        help="runs whose probabilities the SavedModel averages (needs --out)")
+    export.add_argument("--format", choices=("saved_model", "tflite"), default="saved_model",
+                        help="saved_model (default) or tflite (raw-pixel input)")
+    export.add_argument("--quantize", choices=("none", "dynamic", "float16"), default="none",
+                        help="TFLite weights: none (float32), dynamic (int8) or float16")
+    export.add_argument("--tta", choices=TTA_MODES, default="none",
+                        help="bake test-time augmentation into the SavedModel: flip or 10crop")
+    export.add_argument("--out", help="destination folder (default RUN/saved_model, "
+                                      "RUN/saved_model_TTA or RUN/tflite)")
+    export.set_defaults(func=cmd_export)
+
+
+def cmd_evaluate(args) -> int:
+    from tlapp.inference.evaluate import evaluate_run
+
+    paths = ([args.run] if args.run else []) + (args.model or [])
+    result = evaluate_run(paths, data=args.data, tta=args.tta, out=args.out,
+                          batch_size=args.batch_size)
+    top5 = f", top-5 accuracy {result['top5_accuracy']:.4f}" if "top5_accuracy" in result else ""
+    print(f"accuracy {result['accuracy']:.4f}{top5} on {result['count']} images "
+          f"(tta {args.tta}, {len(paths)} model{'s' if len(paths) > 1 else ''}); "
+          f"macro F1 {result['macro_f1']:.4f}, weighted F1 {result['weighted_f1']:.4f}")
+    for name, row in result["per_class"].items():
+        print(f"  {name:20s} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+              f"f1 {row['f1']:.3f}  support {row['support']}")
+    print(f"wrote metrics.json, confusion_matrix.csv, misclassified.csv and "
+          f"plots/confusion_matrix.png in {result['out']}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from tlapp.inference import runs as runs_lib
+
+    runs = [runs_lib.load_run(path) for path in args.model]
+    readable = False
+    for result in runs_lib.iter_predictions(runs, args.images, top_k=args.top_k,
+                                            batch_size=args.batch_size, tta=args.tta):
+        readable = readable or "predictions" in result
+        if args.json:
+            print(json.dumps(result), flush=True)
+        elif "error" in result:
+            print(f"{result['path']}: error: {result['error']}", flush=True)
+        else:
+            best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in result["predictions"])
+            print(f"{result['path']}: {best}", flush=True)
+    if not readable:
+        raise UserInputError("none of the inputs could be read as an image")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from tlapp.inference import export, runs as runs_lib
+
+    paths = ([args.run] if args.run else []) + (args.ensemble or [])
+    if not paths:
+        raise UserInputError("Nothing to export: give RUN, or --ensemble RUN1 RUN2 ... --out DIR.")
+    runs = [runs_lib.load_run(path) for path in paths]
+    out = export.export_runs(runs, args.out, format=args.format, tta=args.tta,
+                             quantize=args.quantize)
+    print(f"exported {'TFLite model' if args.format == 'tflite' else 'SavedModel'} to {out}")
+    return 0

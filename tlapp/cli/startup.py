@@ -1,0 +1,37 @@
+"""Starting TensorFlow quietly: its C++ start-up lines are not for users."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+
+
+@contextlib.contextmanager
+def native_stderr_hidden():
+    """Hides what native code writes to file descriptor 2 during the block (TensorFlow's C++
+    start-up lines, which TF_CPP_MIN_LOG_LEVEL does not silence); shows it if the block
+    fails, so a broken installation still explains itself."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def start_tensorflow(show_native_output: bool) -> None:
+    """Imports TensorFlow and initialises its devices, quietly unless asked."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if show_native_output else "2")
+    with contextlib.nullcontext() if show_native_output else native_stderr_hidden():
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()

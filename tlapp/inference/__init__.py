@@ -1,0 +1,1 @@
+"""Finished runs: prediction (TTA, ensembles), evaluation, export."""

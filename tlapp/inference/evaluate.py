@@ -1,0 +1,199 @@
+"""Metrics from predictions and the evaluation files of a run folder.
+
+Accuracy, top-5 accuracy, per-class precision/recall/F1/support, macro and weighted F1, the
+confusion matrix; written as metrics.json sections, confusion_matrix.csv,
+plots/confusion_matrix.png and misclassified.csv.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tlapp.data.scan import resolve_data, scan_folder
+from tlapp.errors import UserInputError
+from tlapp.files import write_atomic, write_json
+from tlapp.inference import predict as predict_lib
+from tlapp.inference.runs import Run, as_runs, ensemble_members
+from tlapp.reporting.plots import plot_confusion
+
+log = logging.getLogger(__name__)
+
+TOP_K = 5  # top-5 accuracy is reported when there are more than 5 classes
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
+                           classes: list[str]) -> dict:
+    """Accuracy, top-5 accuracy (6 or more classes), per-class precision/recall/F1/support,
+    macro and weighted F1, and the confusion matrix (rows: true class, columns: predicted).
+
+    A class never predicted has precision 0; a class with no images has recall 0.
+    """
+    labels = np.asarray(labels, dtype=int)
+    n = len(classes)
+    if len(labels) == 0:
+        return {"accuracy": None, "count": 0}
+    probabilities = np.asarray(probabilities)
+    predicted = np.argmax(probabilities, axis=1)
+    confusion = np.zeros((n, n), dtype=int)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for i, name in enumerate(classes):
+        true_positive = confusion[i, i]
+        precision = true_positive / max(confusion[:, i].sum(), 1)
+        recall = true_positive / max(confusion[i].sum(), 1)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": float(precision), "recall": float(recall),
+                           "f1": float(f1), "support": int(confusion[i].sum())}
+    support = np.array([c["support"] for c in per_class.values()])
+    f1s = np.array([c["f1"] for c in per_class.values()])
+    result = {
+        "accuracy": float(np.mean(predicted == labels)),
+        "count": int(len(labels)),
+    }
+    if n > TOP_K:
+        # rank of the true class = number of classes with a strictly higher probability
+        true_probability = probabilities[np.arange(len(labels)), labels]
+        rank = (probabilities > true_probability[:, None]).sum(axis=1)
+        result[f"top{TOP_K}_accuracy"] = float(np.mean(rank < TOP_K))
+    return result | {
+        "macro_f1": float(f1s.mean()),
+        "weighted_f1": float((f1s * support).sum() / support.sum()),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def misclassified(files: list[str], labels: np.ndarray, probabilities: np.ndarray,
+                  classes: list[str]) -> list[dict]:
+    """The wrongly predicted files, worst first: highest confidence in the wrong class first.
+
+    Returns:
+        [{"file", "true", "predicted", "confidence"}, ...]; confidence is the probability of
+        the predicted class.
+    """
+    probabilities = np.asarray(probabilities)
+    predicted = np.argmax(probabilities, axis=1)
+    rows = [{"file": str(f), "true": classes[t], "predicted": classes[p],
+             "confidence": float(row[p])}
+            for f, t, p, row in zip(files, labels, predicted, probabilities) if t != p]
+    return sorted(rows, key=lambda r: (-r["confidence"], r["file"]))
+
+
+def write_reports(folder: str | Path, result: dict, files: list[str], labels: np.ndarray,
+                  probabilities: np.ndarray, classes: list[str]) -> list[Path]:
+    """Writes confusion_matrix.csv, misclassified.csv and plots/confusion_matrix.png.
+
+    Args:
+        result: `classification_metrics` of the same predictions.
+        files: the images' paths as they should appear in misclassified.csv.
+
+    Returns:
+        The files written.
+    """
+    folder = Path(folder)
+    (folder / "plots").mkdir(parents=True, exist_ok=True)
+    matrix = result["confusion_matrix"]
+
+    def write_confusion(path):
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["true \\ predicted", *classes])
+            writer.writerows([name, *row] for name, row in zip(classes, matrix))
+
+    def write_misclassified(path):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, ["file", "true", "predicted", "confidence"])
+            writer.writeheader()
+            for row in misclassified(files, labels, probabilities, classes):
+                writer.writerow(row | {"confidence": f"{row['confidence']:.6f}"})
+
+    written = [folder / "confusion_matrix.csv", folder / "misclassified.csv",
+               folder / "plots" / "confusion_matrix.png"]
+    write_atomic(written[0], write_confusion)
+    write_atomic(written[1], write_misclassified)
+    plot_confusion(matrix, classes, written[2])
+    return written
+
+
+def update_metrics(folder: str | Path, section: str, result: dict) -> Path:
+    """Adds or replaces one section of folder/metrics.json, keeping every other key."""
+    path = Path(folder) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    write_json(path, metrics | {section: result})
+    return path
+
+
+def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
+                 tta: str = "none", out: str | Path | None = None) -> dict:
+    """Evaluates the whole model (pixels in) on the run's test split, or on every image of
+    `data` (a folder with the run's class folders).
+
+    Args:
+        run: a Run or run folder, or several (an ensemble: probabilities are averaged).
+        tta: "none", "flip" or "10crop" (see tlapp.inference.predict).
+        out: folder for the results (default: the run folder; for an ensemble
+            models/ensemble-TIME). metrics.json there gets them under "evaluate";
+            confusion_matrix.csv, misclassified.csv and plots/confusion_matrix.png are
+            rewritten.
+
+    Returns:
+        The metrics (see `classification_metrics`) plus data, tta, models, out.
+    """
+    runs = as_runs(run)
+    members = ensemble_members(runs)
+    first = runs[0]
+    if data is None:
+        _check_same_test_split(runs)
+        root = resolve_data(first.config.data, Path(first.config.cache_dir))
+        split = json.loads((first.path / "split.json").read_text())
+        files = split["test"]
+        paths = [root / p for p in files]
+        class_part = 1 if (root / "train").is_dir() else 0  # train/CLASS/... or CLASS/...
+        labels = [first.labels.index(p.split("/")[class_part]) for p in files]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise UserInputError(f"{len(missing)} test images of this run are gone "
+                                 f"(first: {missing[0]}); pass --data DIR to evaluate elsewhere.")
+    else:
+        scanned = scan_folder(data, 0.0, 0.0)
+        unknown = sorted(set(scanned.classes) - set(first.labels))
+        if unknown:
+            raise UserInputError(f"{data} has classes the run does not know: "
+                                 f"{', '.join(unknown)}. Known: {', '.join(first.labels)}.")
+        files = [s.path for s in scanned.samples]
+        paths = [scanned.root / p for p in files]
+        labels = [first.labels.index(scanned.classes[s.label]) for s in scanned.samples]
+    if not paths:
+        raise UserInputError("No images to evaluate on.")
+    rows, errors = [], []
+    for path, row, error in predict_lib.predict_files(members, [str(p) for p in paths], tta,
+                                                      batch_size, show_progress=True):
+        rows.append(row)
+        errors += [f"{path}: {error}"] if error else []
+    if errors:
+        raise UserInputError(f"{len(errors)} images could not be read (first: {errors[0]}). "
+                             f"Fix or remove them, or pass --data DIR.")
+    probabilities = np.stack(rows)
+    result = classification_metrics(np.array(labels), probabilities, first.labels)
+    out = Path(out) if out else first.path if len(runs) == 1 else \
+        Path("models") / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}"
+    result |= {"data": str(data) if data else "test split", "tta": tta,
+               "models": [str(r.path) for r in runs], "out": str(out)}
+    write_reports(out, result, files, np.array(labels), probabilities, first.labels)
+    update_metrics(out, "evaluate", result)
+    return result
+
+
+def _check_same_test_split(runs: list[Run]) -> None:
+    first_split = json.loads((runs[0].path / "split.json").read_text())["test"]
+    for other in runs[1:]:
+        split = json.loads((other.path / "split.json").read_text())["test"]
+        if other.config.data != runs[0].config.data or split != first_split:
+            raise UserInputError(f"{runs[0].path} and {other.path} have different test splits, "
+                                 f"so no test split is unseen by every member. Pass --data DIR "
+                                 f"to evaluate the ensemble on one folder.")

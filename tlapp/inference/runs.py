@@ -1,0 +1,113 @@
+"""Finished runs: open one, and predict with one or an ensemble."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tlapp import config as config_lib
+from tlapp.backbones import classic, spec  # noqa: F401  registers the layers model.keras uses
+from tlapp.config import Config
+from tlapp.data.scan import expand_inputs
+from tlapp.errors import UserInputError
+from tlapp.inference import predict as predict_lib
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished run folder: its config, labels and metrics, and its model on demand."""
+
+    path: Path
+    config: Config
+    labels: list[str]
+    metrics: dict
+    _model: keras.Model | None = None
+
+    @property
+    def model(self) -> keras.Model:
+        """The whole model: RGB pixels (0-255) at config.image_size in, probabilities out."""
+        if self._model is None:
+            self._model = keras.saving.load_model(self.path / "model.keras", safe_mode=True)
+        return self._model
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    def predict(self, images: list[str], top_k: int = 5, tta: str = "none") -> list[dict]:
+        """Predicts image files; see `predict`."""
+        return predict([self], images, top_k, tta=tta)
+
+
+def load_run(path: str | Path) -> Run:
+    """Opens a run folder written by `tlapp train`.
+
+    Raises:
+        UserInputError: `path` is not a finished run folder.
+    """
+    path = Path(path).expanduser()
+    missing = [name for name in ("config.toml", "labels.txt", "model.keras")
+               if not (path / name).is_file()]
+    if missing:
+        raise UserInputError(f"{path} is not a tlapp run folder (missing {', '.join(missing)}). "
+                             f"Give the folder that 'tlapp train --out' wrote.")
+    config = config_lib.from_dict(config_lib.load_toml(path / "config.toml"), str(path))
+    labels = (path / "labels.txt").read_text().splitlines()
+    metrics_file = path / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return Run(path, config, labels, metrics)
+
+
+def as_runs(runs) -> list[Run]:
+    """A Run, a run folder, or a list of them -> a list of Runs."""
+    runs = runs if isinstance(runs, (list, tuple)) else [runs]
+    if not runs:
+        raise UserInputError("No run given: pass a run folder (RUN, or --model RUN per ensemble "
+                             "member).")
+    return [r if isinstance(r, Run) else load_run(r) for r in runs]
+
+
+def ensemble_members(runs) -> list[predict_lib.Member]:
+    """The runs as ensemble members, after checking they share labels.
+
+    Raises:
+        UserInputError: the runs' labels differ (the message names the runs and classes).
+    """
+    runs = as_runs(runs)
+    predict_lib.check_same_labels([(str(r.path), r.labels) for r in runs])
+    return [predict_lib.Member(r.model, r.image_size, str(r.path)) for r in runs]
+
+
+def iter_predictions(runs, images: list[str], top_k: int = 5, batch_size: int = 32,
+                     tta: str = "none"):
+    """Like `predict`, but yields each file's result as soon as its chunk is done."""
+    runs = as_runs(runs)
+    members = ensemble_members(runs)
+    labels = runs[0].labels
+    files = expand_inputs(images)
+    for path, row, error in predict_lib.predict_files(members, files, tta, batch_size):
+        if error:
+            yield {"path": path, "error": error}
+        else:
+            best = np.argsort(-row, kind="stable")[:top_k]
+            yield {"path": path, "predictions": [{"label": labels[i],
+                                                   "probability": float(row[i])} for i in best]}
+
+
+def predict(runs, images: list[str], top_k: int = 5, batch_size: int = 32,
+            tta: str = "none") -> list[dict]:
+    """Top-k predictions for image files, folders or globs, averaged over `runs`.
+
+    Args:
+        runs: a Run or run folder, or several (an ensemble: probabilities are averaged;
+            each run decodes at its own image size; labels must match).
+        tta: "none", "flip" or "10crop" (see tlapp.inference.predict).
+
+    Returns:
+        One dict per file, in input order: {"path", "predictions": [{"label",
+        "probability"}, ...] best first}, or {"path", "error"} for a file it could not read.
+    """
+    return list(iter_predictions(runs, images, top_k, batch_size, tta))

@@ -1,0 +1,124 @@
+"""One function wires the steps: scan -> plan -> models -> feature cache -> train ->
+fine-tune -> evaluate -> save.
+
+The CLI and the Python API (`tlapp.train`) only build a Config and call `run`. The steps
+live beside it: plan.py (resolving the config), stages.py (training and evaluation),
+folder.py (the run folder).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from tlapp import config as config_lib
+from tlapp.augment.ops import cached_pca
+from tlapp.backbones import registry
+from tlapp.config import Config
+from tlapp.errors import UserInputError
+from tlapp.inference.runs import Run
+from tlapp.pipeline import folder, stages
+from tlapp.pipeline.plan import Splits, precision_policy, resolve_plan, scan_data
+from tlapp.training import head
+from tlapp.training.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def train(data: str | None = None, config: Config | None = None, **options) -> Run:
+    """Trains a classifier on an image folder: the Python equivalent of `tlapp train`.
+
+    Args:
+        data: image folder (one subfolder per class, or train/val/test), or tfds:NAME.
+        config: a base Config; `options` (any Config field) override it.
+
+    Returns:
+        The finished Run (its folder, config, labels and metrics).
+    """
+    values = config.to_dict() if config else {}
+    values |= {"data": data} if data is not None else {}
+    return run(config_lib.from_dict(values | options, "train"))
+
+
+def resume_config(out: str | Path) -> Config:
+    """The config of an interrupted run whose --out was `out`."""
+    out = Path(out).expanduser()
+    config_file = folder.partial_dir(out) / "config.toml"
+    if not config_file.is_file():
+        finished = (out / "metrics.json").is_file()
+        raise UserInputError(
+            f"Nothing to resume at {out}: " + ("that run is finished." if finished else
+                                               f"no interrupted run ({config_file} is missing)."))
+    return config_lib.from_dict(config_lib.load_toml(config_file), str(config_file))
+
+
+def run(config: Config, resume: bool = False) -> Run:
+    """Runs the whole pipeline for one config and returns the finished run.
+
+    With resume=True, continues the interrupted run in `.OUT.partial/` from its last
+    checkpoint (see `resume_config`).
+    """
+    start = time.perf_counter()
+    spec = registry.get_spec(config.backbone, config.preprocess)
+    cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
+    out = Path(config.out or folder.default_out(spec.name)).expanduser()
+    temp = folder.prepare_out(out, resume)
+    scanned = scan_data(config, cache_dir)
+    timings = {"scan_s": time.perf_counter() - start}
+    with precision_policy(config.mixed_precision), contextlib.ExitStack() as closing:
+        plan = resolve_plan(config, spec, scanned, cache_dir, out)
+        models = head.build_models(spec, plan.base, plan.cut, plan.classes, config.dropout,
+                                   plan.image_size,
+                                   bn_trainable=plan.cut is None or config.bn_trainable)
+        folder.write_run_files(temp, plan, scanned)
+        stages.log_model(plan, models)
+        splits = Splits.of(scanned)
+        if not splits.count("train"):
+            raise UserInputError(f"No training images in {scanned.root} after the split.")
+        pca = cached_pca(config.augment, splits.paths["train"], splits.digests["train"],
+                         plan.image_size, cache_dir)
+        checkpoint = Checkpoint(temp / "checkpoints", models.full)
+        tick = time.perf_counter()
+        if plan.live:
+            features, cache_stats = None, {"extracted": 0, "reused": 0, "mode": "off"}
+            stages.train_live(plan, models, splits, checkpoint, temp / "logs", pca)
+        else:
+            loaders, cache_stats = stages.cached_features(plan, models, scanned, splits, pca,
+                                                          closing)
+            timings["extract_s"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            features = stages.train_on_cache(plan, models, splits, loaders, checkpoint,
+                                             temp / "logs")
+        timings["train_s"] = time.perf_counter() - tick
+        if config.fine_tune_epochs:
+            tick = time.perf_counter()
+            stages.fine_tune(plan, models, splits, checkpoint, temp / "logs", pca)
+            timings["fine_tune_s"] = time.perf_counter() - tick
+            features = None  # the stem changed: evaluate on images
+        results, probabilities = stages.evaluate_splits(plan, models, splits, features,
+                                                        scanned.classes)
+        tick = time.perf_counter()
+        folder.save_outputs(temp, models, scanned, splits, checkpoint, results, probabilities)
+        timings["save_export_s"] = time.perf_counter() - tick
+    weights = stages.class_weights(config, splits, plan.classes)
+    metrics = {
+        "val_accuracy": results["val"]["accuracy"],
+        "test_accuracy": results["test"]["accuracy"],
+        "counts": scanned.counts(),
+        "class_weight": weights and [weights[i] for i in range(plan.classes)],
+        "cache": cache_stats,
+        "val": results["val"],
+        "test": results["test"],
+        "final_epoch": checkpoint.state["history"][-1] if checkpoint.state["history"] else {},
+        "timings": {k: round(v, 3) for k, v in timings.items()}
+        | {"total_s": round(time.perf_counter() - start, 3)},
+    }
+    folder.finish_run(temp, out, metrics)
+    log.info("done: val accuracy %s, test accuracy %s; run folder %s",
+             _percent(metrics["val_accuracy"]), _percent(metrics["test_accuracy"]), out)
+    return Run(out, plan.config, scanned.classes, metrics, models.full)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (no images)" if value is None else f"{100 * value:.1f}%"

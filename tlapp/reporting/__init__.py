@@ -1,0 +1,1 @@
+"""What tlapp shows: text tables, plots, the augmentation preview grid."""

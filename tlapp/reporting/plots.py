@@ -1,0 +1,88 @@
+"""Plots as PNG files: training curves, confusion matrix, an experiment's results.
+
+Figures are made with `matplotlib.figure.Figure` (no pyplot state, no backend switching),
+and written atomically.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from tlapp.files import write_atomic
+
+
+def save_figure(figure: Figure, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    write_atomic(path, lambda temp: figure.savefig(temp, dpi=100, format="png"))
+
+
+def plot_history(rows: list[dict], path: str | Path) -> None:
+    """Loss and accuracy per epoch, train and val, all stages in sequence with a dotted line
+    where a stage starts."""
+    epochs = list(range(1, len(rows) + 1))
+    starts = [(i + 1, row["stage"]) for i, row in enumerate(rows)
+              if i == 0 or row["stage"] != rows[i - 1]["stage"]]
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots(1, 2)
+    for axis, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = [row.get(prefix + metric) for row in rows]
+            if any(v is not None for v in values):
+                axis.plot(epochs, [float("nan") if v is None else v for v in values], style,
+                          label=(prefix or "train_") + metric)
+        for epoch, stage in starts:
+            if epoch > 1:
+                axis.axvline(epoch - 0.5, color="gray", linestyle=":")
+            axis.annotate(stage, (max(epoch - 0.5, 1), 1), xycoords=("data", "axes fraction"),
+                          xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
+        axis.set_xlabel("epoch (all stages)")
+        axis.set_title(metric)
+        axis.legend()
+    save_figure(figure, path)
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[str], path: str | Path) -> None:
+    """A labelled confusion matrix (rows: true class, columns: predicted)."""
+    n = len(classes)
+    side = min(4 + 0.35 * n, 24)
+    figure = Figure(figsize=(side, side))
+    axis = figure.subplots()
+    axis.imshow(np.asarray(matrix), cmap="Blues")
+    axis.set_xticks(range(n), classes, rotation=90, fontsize=max(5, 10 - n // 10))
+    axis.set_yticks(range(n), classes, fontsize=max(5, 10 - n // 10))
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                axis.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8)
+    save_figure(figure, path)
+
+
+def plot_results(rows: list[dict], path: str | Path) -> None:
+    """An experiment's runs side by side: val and test accuracy, and extraction and training
+    seconds (failed runs appear with empty bars)."""
+    def values(key):
+        return [float("nan") if row.get(key) is None else row[key] for row in rows]
+
+    names = [row["run"] + (" (failed)" if row["status"] == "failed" else "") for row in rows]
+    y = np.arange(len(rows))
+    figure = Figure(figsize=(12, 1.5 + 0.45 * len(rows)))
+    axes = figure.subplots(1, 2, sharey=True)
+    for offset, key in ((-0.2, "val_accuracy"), (0.2, "test_accuracy")):
+        axes[0].barh(y + offset, values(key), height=0.4, label=key.replace("_", " "))
+    axes[0].set_xlim(0, 1)
+    axes[0].set_title("accuracy")
+    extract, train = values("extract_s"), values("train_s")
+    axes[1].barh(y, extract, label="extraction (s)")
+    axes[1].barh(y, train, left=np.nan_to_num(extract), label="training (s)")
+    axes[1].set_title("time")
+    axes[0].set_yticks(y, names)
+    axes[0].invert_yaxis()
+    for axis in axes:
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
+    save_figure(figure, path)

@@ -1,0 +1,1 @@
+"""Training: the head and models around a backbone, fit loops, checkpoints."""
