@@ -212,9 +212,14 @@ def test_cli_augment_preview_and_train_flag(tmp_path, capsys):
         assert "'rotate' degrees must be in [0, 180]" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
 
-    code = cli.main(["train", str(data), "--backbone", "vgg16", "--weights", "none",
-                     "--image-size", "32", "--epochs", "1", "--augment", "flip,rotate=15",
-                     "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    train = ["train", str(data), "--backbone", "vgg16", "--weights", "none", "--image-size",
+             "32", "--epochs", "1", "--augment", "flip,rotate=15", "--cache-dir",
+             str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
+    code = cli.main(train)  # on cached features of plain images, augmentation does nothing
+    _, err = capsys.readouterr()
+    assert code == 2 and "--augment would change nothing" in err and "--aug-views K" in err
+    assert not (tmp_path / "run").exists()
+    code = cli.main(train + ["--aug-views", "2"])
     _, err = capsys.readouterr()
     assert code == 0, err
     assert 'augment = "rotate=15,flip=0.5"' in (tmp_path / "run" / "config.toml").read_text()

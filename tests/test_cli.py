@@ -198,3 +198,142 @@ def test_each_message_is_logged_once_even_when_the_root_logger_has_a_handler(tmp
     finally:
         root.removeHandler(extra)
     assert capsys.readouterr().err.count("No cache entry named nope") == 1
+
+
+# --- every failure ends in a message (hardening) ------------------------------------------------
+
+def copy_run(trained_run, tmp_path):
+    import shutil
+
+    shutil.copytree(trained_run.path, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, message", [
+    ("truncated_model", "Cannot read"),
+    ("short_labels", "lists 2 classes but the model"),
+    ("long_labels", "lists 4 classes but the model"),
+])
+def test_damaged_run_folders_are_messages(trained_run, tmp_path, capsys, damage, message):
+    run = copy_run(trained_run, tmp_path)
+    if damage == "truncated_model":
+        data = (run / "model.keras").read_bytes()
+        (run / "model.keras").write_bytes(data[:len(data) // 2])
+    else:
+        labels = trained_run.labels[:2] if damage == "short_labels" else \
+            trained_run.labels + ["extra"]
+        (run / "labels.txt").write_text("\n".join(labels) + "\n")
+    image = next((trained_run.path.parent / "data" / "cat").iterdir())
+    code, out, err = run_cli(capsys, "predict", image, "--model", run)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["missing", "corrupt"])
+def test_evaluate_without_a_readable_split_is_a_message(trained_run, tmp_path, capsys, split):
+    run = copy_run(trained_run, tmp_path)
+    if split == "missing":
+        (run / "split.json").unlink()
+    else:
+        (run / "split.json").write_text("{not json")
+    code, _, err = run_cli(capsys, "evaluate", run)
+    assert code == 2 and "split.json" in err and "--data DIR" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_evaluate_out_never_mixes_with_other_folders(trained_run, tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "metrics.json").write_text('{"f1": 0.3}')
+    code, _, err = run_cli(capsys, "evaluate", trained_run.path, "--out", theirs)
+    assert code == 2 and "tlapp did not write" in err
+    assert (theirs / "metrics.json").read_text() == '{"f1": 0.3}'
+    other = copy_run(trained_run, tmp_path)
+    before = (other / "metrics.json").read_text()
+    code, _, err = run_cli(capsys, "evaluate", trained_run.path, "--out", other)
+    assert code == 2 and "another run's folder" in err
+    assert (other / "metrics.json").read_text() == before
+    code, _, err = run_cli(capsys, "evaluate", trained_run.path, "--out", tmp_path / "new")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "evaluate", trained_run.path, "--out", tmp_path / "new")
+    assert code == 0, err  # its own earlier evaluation is replaced
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "batch_size must be a whole number of at least 1"),
+    (["--top-k", "0"], "top_k must be at least 1"),
+    (["--top-k", "-1"], "top_k must be at least 1"),
+])
+def test_predict_option_errors(trained_run, capsys, args, message):
+    image = next((trained_run.path.parent / "data" / "cat").iterdir())
+    code, _, err = run_cli(capsys, "predict", image, "--model", trained_run.path, *args)
+    assert code == 2 and message in err
+
+
+@pytest.mark.slow
+def test_inputs_that_yield_nothing_are_reported_not_dropped(trained_run, tmp_path, capsys):
+    image = next((trained_run.path.parent / "data" / "cat").iterdir())
+    (tmp_path / "empty").mkdir()
+    code, out, _ = run_cli(capsys, "predict", image, tmp_path / "nope*.jpg", tmp_path / "empty",
+                           "--model", trained_run.path, "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(lines) == 3
+    assert lines[1] == {"path": str(tmp_path / "nope*.jpg"),
+                        "error": "no file matches this pattern"}
+    assert lines[2]["error"].startswith("a folder with no images")
+
+
+def test_config_naming_a_folder_is_a_message(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path)
+    assert code == 2 and "is a folder; --config takes a TOML file" in err
+
+
+def test_cache_command_arguments_are_checked(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(capsys, "cache", "list", "--cache-dir", tmp_path / "file")
+    assert code == 2 and "is a file; --cache-dir takes the cache folder" in err
+    code, _, err = run_cli(capsys, "cache", "clear", "--older-than", "-5", "--cache-dir",
+                           tmp_path)
+    assert code == 2 and "--older-than takes a number of days, 0 or more" in err
+
+
+def test_misspelt_cut_is_answered_by_name_similarity():
+    from tlapp.backbones import cuts, registry
+    from tlapp.errors import UserInputError
+
+    spec = registry.get_spec("resnet50")
+    model = registry.build_backbone(spec, "none", 32)
+    with pytest.raises(UserInputError) as error:
+        cuts.resolve_cut(spec, model, "conv2_blok1_out", None)
+    assert "Did you mean conv2_block1_out?" in str(error.value)
+    assert "conv5_block1_out" not in str(error.value)
+    with pytest.raises(UserInputError) as error:
+        cuts.resolve_cut(spec, model, "conv3_block2_1_conv", None)
+    assert "nearest cut points are conv3_block1_out and conv3_block2_add" in str(error.value)
+
+
+def test_demo_never_trains_on_or_replaces_the_users_folders(tmp_path, capsys):
+    (tmp_path / "a" / "data" / "holiday").mkdir(parents=True)
+    (tmp_path / "a" / "data" / "holiday" / "me.jpg").write_bytes(b"x")
+    code, _, err = run_cli(capsys, "demo", "--out", tmp_path / "a")
+    assert code == 2 and "does not hold the demo's images" in err
+    (tmp_path / "b" / "run").mkdir(parents=True)
+    (tmp_path / "b" / "run" / "notes.txt").write_text("n")
+    code, _, err = run_cli(capsys, "demo", "--out", tmp_path / "b")
+    assert code == 2 and "is not a tlapp run" in err
+    assert (tmp_path / "a" / "data" / "holiday" / "me.jpg").read_bytes() == b"x"
+    assert (tmp_path / "b" / "run" / "notes.txt").read_text() == "n"
+    assert not (tmp_path / "b" / "data").exists()
+
+
+def test_a_full_disk_anywhere_is_exit_2_not_a_traceback(tmp_path, capsys, monkeypatch):
+    def full(args):
+        raise OSError("1048576 requested and 12 written")  # numpy's short write: no errno
+
+    parser = cli.build_parser()
+    parser._subparsers._group_actions[0].choices["cache"].set_defaults(func=full)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    code, _, err = run_cli(capsys, "cache", "list", "--cache-dir", tmp_path)
+    assert code == 2 and "the disk is full" in err and "Traceback" not in err

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,88 @@ def test_log_file_output_has_one_line_per_epoch(tmp_path):
         assert noise not in text
     assert "scan: used 12 of 12 files" in result.stderr
     assert "done: val accuracy" in result.stderr
+
+
+# --- the run folder: locks, names, disk full (hardening) ---------------------------------------
+
+def hold_run_lock(out: Path, seconds: float):
+    """A process that holds `out`'s run lock (as a training run does) for `seconds`."""
+    code = ("import sys, time; from pathlib import Path; from tlapp.pipeline import folder\n"
+            f"with folder.run_lock(Path({str(out)!r})):\n"
+            "    print('locked', flush=True); time.sleep(float(sys.argv[1]))\n")
+    process = subprocess.Popen([sys.executable, "-c", code, str(seconds)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_second_process_on_the_same_out_exits_2_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "same"
+    holder = hold_run_lock(out, 60)
+    try:
+        for args in (["train", str(tmp_path / "data"), "--out", str(out)],
+                     ["train", "--resume", str(out)]):
+            (tmp_path / f".{out.name}.partial").mkdir(exist_ok=True)
+            (tmp_path / f".{out.name}.partial" / "config.toml").write_text(
+                f'data = "{tmp_path / "data"}"\nout = "{out}"\n')
+            assert cli.main(args) == 2
+            err = capsys.readouterr().err
+            assert f"Another tlapp process (PID {holder.pid}) is writing the run" in err
+            assert (tmp_path / f".{out.name}.partial" / "config.toml").is_file()  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    from tlapp.pipeline import folder
+
+    out = tmp_path / "run"
+    holder = hold_run_lock(out, 60)
+    holder.kill()
+    holder.wait()
+    assert (tmp_path / ".run.lock").is_file()  # killed: it could not remove it
+    with folder.run_lock(out):
+        assert (tmp_path / ".run.lock").read_text().strip() == str(os.getpid())
+    assert not (tmp_path / ".run.lock").exists()
+
+
+def test_out_names_that_cannot_be_written_are_refused(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", per_class=3)
+    long_name = "r" * 250
+    assert cli.main(["train", str(data), "--out", str(tmp_path / long_name)]) == 2
+    assert "must be at most 240" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["train", str(data), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert cli.main(["train", str(data / "cat" / "cat_00.png")]) == 2
+    assert "is a file, but DATA must be a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file"]
+
+
+def test_finished_run_never_replaces_what_appeared_at_out(tmp_path):
+    from tlapp.pipeline import folder
+
+    temp, out = tmp_path / ".run.partial", tmp_path / "run"
+    temp.mkdir()
+    out.mkdir()
+    (out / "theirs.txt").write_text("t")
+    with pytest.raises(tlapp.UserInputError, match="appeared while the run was training"):
+        folder.finish_run(temp, out, {"val_accuracy": 1.0})
+    assert (out / "theirs.txt").read_text() == "t" and (temp / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_disk_full_in_the_run_folder_is_a_message(trained_run, tmp_path, monkeypatch, capsys):
+    import keras
+
+    def full(*args, **kwargs):
+        raise OSError("8192 requested and 0 written")
+
+    monkeypatch.setattr(keras.Model, "save", full)
+    config = trained_run.config.replace(out=str(tmp_path / "run"), epochs=1)
+    with pytest.raises(tlapp.UserInputError, match="disk holding the run folder is full") as e:
+        tlapp.pipeline.run(config)
+    assert f"tlapp train --resume {tmp_path / 'run'}" in str(e.value)
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / ".run.lock").exists()

@@ -1,4 +1,8 @@
 import csv
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -135,7 +139,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(uninterrupted, monkeypa
     with pytest.raises(Killed):
         small(tmp_path, broken, **RESUME_OPTIONS)
     assert not (tmp_path / broken).exists()  # never presented as finished
-    assert (tmp_path / f".{broken}.partial" / "checkpoints" / "state.json").is_file()
+    assert (tmp_path / f".{broken}.partial" / "checkpoints" / "current").is_file()
     monkeypatch.setattr(checkpoint.Checkpoint, "save", real_save)
 
     assert cli.main(["train", "--resume", str(tmp_path / broken)]) == 0
@@ -218,3 +222,70 @@ def test_live_augmentation_is_applied_and_reproducible(tmp_path):
 def test_aug_views_without_a_spec_is_rejected(tmp_path, capsys):
     assert cli.main(["train", str(tmp_path), "--aug-views", "3"]) == 2
     assert "aug_views" in capsys.readouterr().err
+
+
+KILL_RUN = ["--backbone", "lenet5", "--weights", "none", "--image-size", "32", "--epochs", "8",
+            "--batch-size", "4", "--lr", "0.05", "--early-stopping", "2", "--lr-schedule",
+            "plateau"]
+
+
+def train_process(data, cache, out, *extra, env=None):
+    return subprocess.run([sys.executable, "-m", "tlapp", "train", str(data), *KILL_RUN,
+                           "--cache-dir", str(cache), "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=300,
+                          env=os.environ | (env or {}))
+
+
+@pytest.fixture(scope="module")
+def early_stopped(tmp_path_factory):
+    """A run that early stopping ends at epoch 5 of 8 (best val loss at 3, patience 2), after
+    reduce-on-plateau lowered the rate at epoch 5."""
+    base = tmp_path_factory.mktemp("killed")
+    data = make_folder(base / "data", per_class=6)
+    result = train_process(data, base / "cache", base / "whole")
+    assert result.returncode == 0, result.stderr
+    return base, data, tlapp.load_run(base / "whole")
+
+
+@pytest.mark.slow
+def test_early_stopping_and_plateau_state_survive_resume(early_stopped):
+    """Killed right after epoch 4's checkpoint, the resumed run stops at the same epoch with
+    the same rates (before: the counters restarted and it trained on)."""
+    base, data, whole = early_stopped
+    rows = history(whole)
+    assert len(rows) == 5 and whole.metrics["final_epoch"]["lr"] < 0.05
+    killed = train_process(data, base / "cache", base / "after4",
+                           env={checkpoint.FAULT_VARIABLE: "4:7"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = train_process(data, base / "cache", base / "after4", "--resume",
+                            str(base / "after4"))
+    assert resumed.returncode == 0, resumed.stderr
+    again = tlapp.load_run(base / "after4")
+    assert history(again) == rows
+    assert [r["lr"] for r in lr_column(again)] == [r["lr"] for r in lr_column(whole)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save, step", [(2, 4), (3, 5), (4, 6), (6, 5)])
+def test_kill_anywhere_in_a_checkpoint_then_resume(early_stopped, save, step):
+    """SIGKILL between the files of a checkpoint (fault injection) and --resume: the run
+    always resumes from one consistent epoch and ends as the uninterrupted one."""
+    base, data, whole = early_stopped
+    out = base / f"kill-{save}-{step}"
+    killed = train_process(data, base / "cache", out, env={checkpoint.FAULT_VARIABLE:
+                                                            f"{save}:{step}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists()
+    resumed = subprocess.run([sys.executable, "-m", "tlapp", "train", "--resume", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    again = tlapp.load_run(out)
+    assert history(again) == history(whole)
+    x = pixels_of(data)
+    np.testing.assert_allclose(again.model.predict(x, verbose=0),
+                               whole.model.predict(x, verbose=0), atol=1e-5)
+
+
+def lr_column(run):
+    with open(run.path / "history.csv") as f:
+        return [{"lr": round(float(row["lr"]), 8)} for row in csv.DictReader(f)]

@@ -150,7 +150,12 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
             values = tomllib.load(f)
     except FileNotFoundError:
         raise UserInputError(f"Config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise UserInputError(f"{path} is a folder; --config takes a TOML file (e.g. a run's "
+                             f"config.toml).") from None
+    except OSError as e:
+        raise UserInputError(f"Cannot read config file {path}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserInputError(f"{path} is not valid TOML: {e}") from None
     return values
 

@@ -75,6 +75,20 @@ def write_demo_data(folder: Path, per_class: int = 40, seed: int = 0) -> Path:
     return folder
 
 
+def check_demo_folder(data: Path, run_dir: Path) -> None:
+    """The demo only reuses its own data and replaces its own previous run, never a folder of
+    the user's that happens to sit where it writes."""
+    if data.exists() and (not data.is_dir() or
+                          sorted(p.name for p in data.iterdir()) != sorted(CLASSES)):
+        raise UserInputError(f"{data} exists but does not hold the demo's images; tlapp will "
+                             f"not train on it or change it. Give --out another folder.")
+    is_run = all((run_dir / name).is_file() for name in ("config.toml", "labels.txt",
+                                                          "model.keras"))
+    if run_dir.exists() and not is_run:
+        raise UserInputError(f"{run_dir} exists but is not a tlapp run; the demo will not "
+                             f"replace it. Give --out another folder.")
+
+
 SERVE_SCRIPT = """
 import json, sys
 import tensorflow as tf
@@ -90,11 +104,11 @@ def run_demo(out: str | Path = "models/demo", cache_dir: str | None = None,
              epochs: int = 20) -> Run:
     """Writes the demo data, trains, exports, reloads the SavedModel in a fresh process, predicts."""
     out = Path(out)
-    data = out / "data"
+    data, run_dir = out / "data", out / "run"
+    check_demo_folder(data, run_dir)
     if not data.is_dir():
         log.info("demo: writing %d classes of synthetic textures to %s", len(CLASSES), data)
         write_demo_data(data)
-    run_dir = out / "run"
     if run_dir.exists():
         log.info("demo: replacing the previous demo run in %s", run_dir)
         shutil.rmtree(run_dir)

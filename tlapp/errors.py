@@ -5,5 +5,5 @@ class UserInputError(ValueError):
     """Bad usage or bad input: the message says what was received and what to do."""
 
 
-class DiskFullError(UserInputError, OSError):
+class DiskFullError(UserInputError):
     """A write ran out of space (or quota); nothing half-written was kept."""

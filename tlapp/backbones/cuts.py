@@ -53,6 +53,25 @@ def block_ends(spec: BackboneSpec, model: keras.Model) -> list[str]:
     return [name for name in ends if name != final] + [final]
 
 
+def _suggest(model: keras.Model, points: list[str], cut: str) -> str:
+    """The cut points around `cut` when it is a layer of the model, else the names most like
+    it (a misspelling), as a sentence; "" when nothing is alike."""
+    names = [layer.name for layer in model.layers]
+    if cut in names:
+        at = names.index(cut)
+        before = [p for p in points if p == INPUT_CUT or names.index(p) < at]
+        after = [p for p in points if p != INPUT_CUT and names.index(p) > at]
+        around = [name for name in (before[-1:] + after[:1])]
+        return (f"'{cut}' is inside a block, where paths branch; the nearest cut points are "
+                f"{' and '.join(around)}. ")
+    score = {p: difflib.SequenceMatcher(None, cut, p).ratio() for p in points}
+    best = max(score.values(), default=0.0)
+    # only the names as close as the closest: conv2_blok1_out is not near conv5_block1_out
+    alike = sorted((p for p in points if score[p] >= max(0.75, best - 0.03)),
+                   key=lambda p: -score[p])[:3]
+    return f"Did you mean {' or '.join(alike)}? " if alike else ""
+
+
 def resolve_cut(spec: BackboneSpec, model: keras.Model, cut: str | None,
                 trainable_blocks: int | str | None) -> str:
     """Turns --cut / --trainable-blocks into the name of the layer where the stem ends.
@@ -65,11 +84,10 @@ def resolve_cut(spec: BackboneSpec, model: keras.Model, cut: str | None,
     if cut is not None:
         points = valid_cuts(model)
         if cut not in points:
-            near = difflib.get_close_matches(cut, points, n=8, cutoff=0.4) or points[-8:]
             raise UserInputError(
                 f"'{cut}' is not a valid cut point of {spec.name}: a cut point is a layer "
                 f"that every path from input to output passes through. Received: cut={cut!r}. "
-                f"Valid cut points near it: {', '.join(near)}. "
+                f"{_suggest(model, points, cut)}"
                 f"'tlapp backbones {spec.path or spec.name}' lists them all."
             )
         return cut

@@ -15,6 +15,7 @@ from tlapp import __version__
 from tlapp.cli import runs, tools, train
 from tlapp.cli.startup import start_tensorflow
 from tlapp.errors import UserInputError
+from tlapp.files import is_disk_full
 
 log = logging.getLogger("tlapp")
 
@@ -62,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except OSError as e:
+        if not is_disk_full(e):
+            log.error("%s\nerror: unexpected failure (above); please report it with the "
+                      "command you ran", traceback.format_exc().rstrip())
+            return 1
+        log.error("error: the disk is full (%s). Free some space and run the command again.",
+                  e)
+        return 2
     except Exception:
         log.error("%s\nerror: unexpected failure (above); please report it with the command "
                   "you ran", traceback.format_exc().rstrip())

@@ -47,7 +47,11 @@ def add_parsers(commands) -> None:
     export.add_argument("--tta", choices=TTA_MODES, default="none",
                         help="bake test-time augmentation into the SavedModel: flip or 10crop")
     export.add_argument("--out", help="destination folder (default RUN/saved_model, "
-                                      "RUN/saved_model_TTA or RUN/tflite)")
+                                      "RUN/saved_model_TTA or RUN/tflite); must be new, empty "
+                                      "or a previous tlapp export (with --overwrite)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace a previous tlapp export at the destination (never "
+                             "anything else)")
     export.set_defaults(func=cmd_export)
 
 
@@ -97,6 +101,6 @@ def cmd_export(args) -> int:
         raise UserInputError("Nothing to export: give RUN, or --ensemble RUN1 RUN2 ... --out DIR.")
     runs = [runs_lib.load_run(path) for path in paths]
     out = export.export_runs(runs, args.out, format=args.format, tta=args.tta,
-                             quantize=args.quantize)
+                             quantize=args.quantize, overwrite=args.overwrite)
     print(f"exported {'TFLite model' if args.format == 'tflite' else 'SavedModel'} to {out}")
     return 0

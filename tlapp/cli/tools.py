@@ -107,6 +107,11 @@ def cmd_cache(args) -> int:
 
     folder = Path(args.cache_dir).expanduser() if args.cache_dir else \
         config_lib.default_cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"{folder} is a file; --cache-dir takes the cache folder.")
+    if args.older_than is not None and not args.older_than >= 0:
+        raise UserInputError(f"--older-than takes a number of days, 0 or more. Received: "
+                             f"older_than={args.older_than}")
     entries = cache.list_entries(folder)
     known = {e["entry"] for e in entries}
     unknown = [name for name in args.entries if name not in known]

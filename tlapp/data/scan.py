@@ -172,6 +172,10 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
         UserInputError: missing folder, fewer than 2 classes, or a class with no usable image.
     """
     root = Path(root).expanduser()
+    if root.is_file():
+        raise UserInputError(f"{root} is a file, but DATA must be a folder with one subfolder "
+                             f"of images per class (or train/, val/, test/ folders laid out "
+                             f"so), or tfds:NAME.")
     if not root.is_dir():
         raise UserInputError(f"Data folder not found: {root}. Give a folder with one "
                              f"subfolder of images per class, or tfds:NAME.")
@@ -276,18 +280,20 @@ def report_scan(data: ScannedData) -> None:
 def expand_inputs(items: list[str]) -> list[str]:
     """Files as given, folders as the images under them, globs as their matches, in order.
 
-    A path that matches nothing is kept, so the caller reports it as unreadable.
+    An item that yields nothing (a missing file, a glob that matches nothing, a folder with
+    no images) is kept as it is, so the caller reports it rather than dropping it silently.
     """
     paths = []
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
-            paths += [str(f) for f in _list_files(path) if not _is_ignored(f.name)
-                      and f.suffix.lower() in IMAGE_EXTENSIONS]
+            found = [str(f) for f in _list_files(path) if not _is_ignored(f.name)
+                     and f.suffix.lower() in IMAGE_EXTENSIONS]
         elif not path.exists() and glob.has_magic(item):
-            paths += sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            found = sorted(glob.glob(os.path.expanduser(item), recursive=True))
         else:
-            paths.append(str(path))
+            found = []
+        paths += found or [str(path)]
     return paths
 
 

@@ -3,6 +3,7 @@ PNG files in train/val/test class folders, so it is scanned, split and cached li
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def materialize_tfds(name: str, root: Path) -> Path:
     classes = builder.info.features[label_key].names
     width = len(str(len(classes) - 1))
     class_names = [f"{i:0{width}d}_{c}".replace("/", "_") for i, c in enumerate(classes)]
-    temp = folder.with_name(folder.name + ".partial")
+    temp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # one per process
     shutil.rmtree(temp, ignore_errors=True)
     written = 0
     for split in list(builder.info.splits) or ["train", "validation", "test"]:
@@ -60,7 +61,12 @@ def materialize_tfds(name: str, root: Path) -> Path:
             written += 1
     if not (temp / "train").is_dir() or not written:
         raise UserInputError(f"TFDS dataset '{name}' has no 'train' split with images.")
-    temp.rename(folder)
+    try:
+        temp.rename(folder)
+    except OSError:  # another process wrote the same dataset meanwhile: keep the first
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(temp, ignore_errors=True)
     return folder
 
 

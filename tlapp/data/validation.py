@@ -20,7 +20,7 @@ import tensorflow as tf
 from tlapp.constants import DEFAULT_MAX_PIXELS
 from tlapp.data.decoding import (DECODER_VERSION, decode_file_bytes, describe_error,
                                  image_shape, sniff_format)
-from tlapp.files import write_atomic
+from tlapp.files import disk_full, is_disk_full, write_atomic
 from tlapp.progress import Progress
 
 VALIDATION_SIZE = 64  # decoded at this size when checking: the full decode still runs
@@ -138,9 +138,16 @@ class ValidationCache:
     def save(self) -> None:
         files, results = self._load()  # merge with scans that finished meanwhile
         value = {"files": files | self.files, "results": results | self.results}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, lambda p: p.write_text(
-            json.dumps(value, separators=(",", ":"))))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, lambda p: p.write_text(
+                json.dumps(value, separators=(",", ":"))))
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(self.path.parent, "the scan's check results", (
+                    "Nothing stored before was changed. Free some space, or pass --cache-dir "
+                    "on another disk.")) from None
+            raise
 
 
 def check_files(paths: list[Path], max_pixels: int = DEFAULT_MAX_PIXELS,

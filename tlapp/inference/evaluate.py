@@ -16,9 +16,9 @@ import numpy as np
 
 from tlapp.data.scan import resolve_data, scan_folder
 from tlapp.errors import UserInputError
-from tlapp.files import write_atomic, write_json
+from tlapp.files import MARKER, owned_kind, write_atomic, write_json, write_text
 from tlapp.inference import predict as predict_lib
-from tlapp.inference.runs import Run, as_runs, ensemble_members
+from tlapp.inference.runs import Run, as_runs, check_batch_size, ensemble_members
 from tlapp.reporting.plots import plot_confusion
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,55 @@ def write_reports(folder: str | Path, result: dict, files: list[str], labels: np
 def update_metrics(folder: str | Path, section: str, result: dict) -> Path:
     """Adds or replaces one section of folder/metrics.json, keeping every other key."""
     path = Path(folder) / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics = _read_metrics(path)
     write_json(path, metrics | {section: result})
     return path
+
+
+def _read_metrics(path: Path) -> dict:
+    """A metrics.json tlapp wrote ({} if there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError:
+        metrics = None
+    if not isinstance(metrics, dict) or not ({"val_accuracy", "evaluate"} & set(metrics)):
+        raise UserInputError(f"{path} was not written by tlapp; tlapp will not change it. "
+                             f"Give --out a new or empty folder.")
+    return metrics
+
+
+def check_evaluation_out(out: Path, runs: list[Run]) -> None:
+    """Evaluation results go to one of the evaluated runs, or to a folder that is new, empty
+    or an earlier evaluation's: never into another run or a folder of the user's."""
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out must be a folder, but {out} is a file. Received: "
+                             f"out={str(out)!r}")
+    if not out.is_dir() or not any(out.iterdir()) or owned_kind(out) == "evaluation":
+        return
+    if any(out.resolve() == run.path.resolve() for run in runs):
+        return
+    what = "another run's folder" if (out / "config.toml").is_file() else \
+        "a folder tlapp did not write"
+    raise UserInputError(f"{out} is {what}; writing the evaluation there would mix it up. "
+                         f"Give --out a new or empty folder. Received: out={str(out)!r}")
+
+
+def read_split(run: Run) -> dict:
+    """The run's split.json: train/val/test paths relative to its data."""
+    path = run.path / "split.json"
+    try:
+        split = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserInputError(f"{path} is missing, so the run's test split is unknown. Pass "
+                             f"--data DIR to evaluate on a folder instead.") from None
+    except ValueError:
+        split = None
+    if not isinstance(split, dict) or not isinstance(split.get("test"), list):
+        raise UserInputError(f"{path} is damaged (not the JSON tlapp wrote), so the run's test "
+                             f"split is unknown. Pass --data DIR to evaluate on a folder.")
+    return split
 
 
 def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
@@ -145,16 +191,25 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
         The metrics (see `classification_metrics`) plus data, tta, models, out.
     """
     runs = as_runs(run)
+    check_batch_size(batch_size)
+    out = Path(out) if out else runs[0].path if len(runs) == 1 else \
+        Path("models") / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_evaluation_out(out, runs)
     members = ensemble_members(runs)
     first = runs[0]
     if data is None:
         _check_same_test_split(runs)
         root = resolve_data(first.config.data, Path(first.config.cache_dir))
-        split = json.loads((first.path / "split.json").read_text())
-        files = split["test"]
+        files = read_split(first)["test"]
         paths = [root / p for p in files]
         class_part = 1 if (root / "train").is_dir() else 0  # train/CLASS/... or CLASS/...
-        labels = [first.labels.index(p.split("/")[class_part]) for p in files]
+        names = [p.split("/")[class_part] for p in files]
+        strange = sorted(set(names) - set(first.labels))
+        if strange:
+            raise UserInputError(f"{first.path / 'split.json'} lists test images of classes the "
+                                 f"run does not have ({', '.join(strange[:5])}): the run folder "
+                                 f"is inconsistent. Pass --data DIR to evaluate on a folder.")
+        labels = [first.labels.index(name) for name in names]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserInputError(f"{len(missing)} test images of this run are gone "
@@ -180,8 +235,9 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
                              f"Fix or remove them, or pass --data DIR.")
     probabilities = np.stack(rows)
     result = classification_metrics(np.array(labels), probabilities, first.labels)
-    out = Path(out) if out else first.path if len(runs) == 1 else \
-        Path("models") / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not any(out.resolve() == r.path.resolve() for r in runs):
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / MARKER, json.dumps({"kind": "evaluation"}) + "\n")
     result |= {"data": str(data) if data else "test split", "tta": tta,
                "models": [str(r.path) for r in runs], "out": str(out)}
     write_reports(out, result, files, np.array(labels), probabilities, first.labels)
@@ -190,9 +246,9 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
 
 
 def _check_same_test_split(runs: list[Run]) -> None:
-    first_split = json.loads((runs[0].path / "split.json").read_text())["test"]
+    first_split = read_split(runs[0])["test"]
     for other in runs[1:]:
-        split = json.loads((other.path / "split.json").read_text())["test"]
+        split = read_split(other)["test"]
         if other.config.data != runs[0].config.data or split != first_split:
             raise UserInputError(f"{runs[0].path} and {other.path} have different test splits, "
                                  f"so no test split is unseen by every member. Pass --data DIR "

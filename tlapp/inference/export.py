@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import tensorflow as tf
 
 from tlapp.data.decoding import decode_image
 from tlapp.errors import UserInputError
-from tlapp.files import write_atomic
+from tlapp.files import check_folder_target, disk_full, is_disk_full, write_folder
 from tlapp.inference import predict as predict_lib
 
 FORMATS = ("saved_model", "tflite")
@@ -19,14 +18,25 @@ QUANTIZE_MODES = ("none", "dynamic", "float16")
 
 
 def export_saved_model(model: keras.Model, labels: list[str], out_dir: str | Path,
-                       tta: str = "none") -> Path:
+                       tta: str = "none", overwrite: bool = False) -> Path:
     """Writes a SavedModel of one model (RGB pixels at its input size in); see `export_members`."""
     member = predict_lib.Member(model, int(model.input.shape[1]))
-    return export_members([member], labels, out_dir, tta=tta)
+    return export_members([member], labels, out_dir, tta=tta, overwrite=overwrite)
+
+
+def is_old_saved_model_export(folder: Path) -> bool:
+    """A SavedModel folder written by tlapp before export folders carried a marker."""
+    return all((folder / name).is_file() for name in
+               ("saved_model.pb", "assets/labels.txt", "assets/export.json"))
+
+
+def is_old_tflite_export(folder: Path) -> bool:
+    return {p.name for p in folder.iterdir()} <= {"model.tflite", "labels.txt", "export.json"} \
+        and (folder / "model.tflite").is_file()
 
 
 def export_members(members: list[predict_lib.Member], labels: list[str], out_dir: str | Path,
-                   tta: str = "none") -> Path:
+                   tta: str = "none", overwrite: bool = False) -> Path:
     """Writes a SavedModel that averages the probabilities of `members` (and TTA views).
 
     `serving_default` takes `images`, a string tensor of encoded files (JPEG, PNG, GIF,
@@ -34,25 +44,32 @@ def export_members(members: list[predict_lib.Member], labels: list[str], out_dir
     size); `serving_pixels` takes `pixels`, float RGB in [0, 255] of any size. Both return
     `probabilities` [N, C], `class_index` [N] and `class_name` [N]. The backbones'
     preprocessing is inside. assets/labels.txt holds the labels and assets/export.json the
-    TTA mode and members. The folder is written beside `out_dir` and renamed into place.
+    TTA mode and members. The folder is written beside `out_dir` and renamed into place;
+    an existing `out_dir` is replaced only if it is a tlapp SavedModel export and `overwrite`.
     """
     out_dir = Path(out_dir)
     sizes = predict_lib.decode_sizes(members, tta)
     names = tf.constant(labels)
 
-    def outputs(decoded):
-        probabilities = predict_lib.average_probabilities(members, tuple(decoded), tta)
+    def outputs(count, decode):
+        def compute():
+            decoded = tuple(decode(size) for size in sizes)
+            return predict_lib.average_probabilities(members, decoded, tta)
+
+        # An empty batch gets empty outputs (a convolution on zero images fails in oneDNN).
+        probabilities = tf.cond(count > 0, compute, lambda: tf.zeros([0, len(labels)]))
         index = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {"probabilities": probabilities, "class_index": index,
                 "class_name": tf.gather(names, index)}
 
     def from_files(images):
-        return outputs(tf.map_fn(lambda b: decode_image(b, size), images,
-                                 fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-                       for size in sizes)
+        return outputs(tf.size(images), lambda size: tf.map_fn(
+            lambda b: decode_image(b, size), images,
+            fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32)))
 
     def from_pixels(pixels):
-        return outputs(tf.image.resize(pixels, [size, size], antialias=True) for size in sizes)
+        return outputs(tf.shape(pixels)[0], lambda size: tf.image.resize(
+            pixels, [size, size], antialias=True))
 
     archive = keras.export.ExportArchive()
     for member in members:
@@ -62,22 +79,30 @@ def export_members(members: list[predict_lib.Member], labels: list[str], out_dir
     archive.add_endpoint("serving_pixels", from_pixels,
                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32,
                                                         name="pixels")])
-    temp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(temp, ignore_errors=True)
-    archive.write_out(str(temp), verbose=False)
-    (temp / "assets").mkdir(exist_ok=True)
-    (temp / "assets" / "labels.txt").write_text("\n".join(labels) + "\n")
     description = {"tta": tta, "members": [{"name": m.name, "image_size": m.image_size}
                                            for m in members]}
-    (temp / "assets" / "export.json").write_text(json.dumps(description, indent=1) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    temp.rename(out_dir)
-    return out_dir
+
+    def write(temp: Path) -> None:
+        archive.write_out(str(temp), verbose=False)
+        (temp / "assets").mkdir(exist_ok=True)
+        (temp / "assets" / "labels.txt").write_text("\n".join(labels) + "\n")
+        (temp / "assets" / "export.json").write_text(json.dumps(description, indent=1) + "\n")
+
+    return _write_export(out_dir, write, "SavedModel export", overwrite,
+                         is_old_saved_model_export)
+
+
+def _write_export(out_dir: Path, write, kind: str, overwrite: bool, owned) -> Path:
+    try:
+        return write_folder(out_dir, write, kind, overwrite, owned)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(out_dir.parent, f"the {kind}") from None
+        raise
 
 
 def export_tflite(model: keras.Model, labels: list[str], out_dir: str | Path,
-                  quantize: str = "none") -> Path:
+                  quantize: str = "none", overwrite: bool = False) -> Path:
     """Writes out_dir/model.tflite and out_dir/labels.txt.
 
     The model's signature `serving_default` takes `pixels`, float32 RGB in [0, 255] of
@@ -92,6 +117,7 @@ def export_tflite(model: keras.Model, labels: list[str], out_dir: str | Path,
         raise UserInputError(f"Unknown quantisation. Received: quantize={quantize!r}. "
                              f"Use one of: {', '.join(QUANTIZE_MODES)}.")
     out_dir = Path(out_dir)
+    check_folder_target(out_dir, "TFLite export", overwrite, is_old_tflite_export)
     size = int(model.input.shape[1])
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -108,15 +134,17 @@ def export_tflite(model: keras.Model, labels: list[str], out_dir: str | Path,
         if quantize == "float16":
             converter.target_spec.supported_types = [tf.float16]
         flatbuffer = converter.convert()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "model.tflite", lambda p: p.write_bytes(flatbuffer))
-    write_atomic(out_dir / "labels.txt",
-                           lambda p: p.write_text("\n".join(labels) + "\n"))
-    return out_dir / "model.tflite"
+
+    def write(temp: Path) -> None:
+        (temp / "model.tflite").write_bytes(flatbuffer)
+        (temp / "labels.txt").write_text("\n".join(labels) + "\n")
+
+    return _write_export(out_dir, write, "TFLite export", overwrite,
+                         is_old_tflite_export) / "model.tflite"
 
 
 def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_model",
-                tta: str = "none", quantize: str = "none") -> Path:
+                tta: str = "none", quantize: str = "none", overwrite: bool = False) -> Path:
     """`tlapp export`: one run, or several as an ensemble, to a SavedModel or TFLite file.
 
     Args:
@@ -126,7 +154,8 @@ def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_
 
     Raises:
         UserInputError: unknown format, options the format does not support, no --out for an
-            ensemble, or runs whose labels differ.
+            ensemble, runs whose labels differ, or an --out tlapp may not replace (a file, a
+            folder tlapp did not write, or a previous export without `overwrite`).
     """
     if format not in FORMATS:
         raise UserInputError(f"Unknown export format. Received: format={format!r}. "
@@ -140,11 +169,13 @@ def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_
             raise UserInputError(f"TFLite export takes one run without TTA. Received: "
                                  f"{len(runs)} runs, tta={tta!r}. Use --format saved_model "
                                  f"for ensembles and TTA.")
-        return export_tflite(runs[0].model, labels, out or runs[0].path / "tflite", quantize)
+        return export_tflite(runs[0].model, labels, out or runs[0].path / "tflite", quantize,
+                             overwrite)
     if quantize != "none":
         raise UserInputError(f"Quantisation applies to TFLite only. Received: "
                              f"quantize={quantize!r} with format='saved_model'. Add "
                              f"--format tflite.")
-    default = runs[0].path / ("saved_model" if tta == "none" else f"saved_model_{tta}")
+    out = Path(out or runs[0].path / ("saved_model" if tta == "none" else f"saved_model_{tta}"))
+    check_folder_target(out, "SavedModel export", overwrite, is_old_saved_model_export)
     members = [predict_lib.Member(r.model, r.image_size, str(r.path)) for r in runs]
-    return export_members(members, labels, out or default, tta=tta)
+    return export_members(members, labels, out, tta=tta, overwrite=overwrite)

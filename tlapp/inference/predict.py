@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,11 +129,16 @@ def check_same_labels(named_labels: list[tuple[str, list[str]]]) -> list[str]:
 def _read_and_decode(path: str, sizes: list[int]) -> tuple[list[np.ndarray] | None, str | None]:
     try:
         raw = Path(path).read_bytes()
+    except IsADirectoryError:
+        return None, "a folder with no images (.jpg, .png, .gif, .bmp, .webp) in it"
+    except FileNotFoundError:
+        return None, ("no file matches this pattern" if glob.has_magic(path)
+                      else "no such file")
     except OSError as e:
         return None, f"cannot read: {e.strerror or e}"
     try:
         return [decoding.decode_file_bytes(raw, size) for size in sizes], None
-    except Exception as e:  # TF decode errors
+    except tf.errors.OpError as e:
         return None, f"cannot decode: {decoding.describe_error(e)}"
 
 

@@ -28,9 +28,27 @@ class Run:
 
     @property
     def model(self) -> keras.Model:
-        """The whole model: RGB pixels (0-255) at config.image_size in, probabilities out."""
+        """The whole model: RGB pixels (0-255) at config.image_size in, probabilities out.
+
+        Raises:
+            UserInputError: model.keras cannot be read, or its classes are not labels.txt's.
+        """
         if self._model is None:
-            self._model = keras.saving.load_model(self.path / "model.keras", safe_mode=True)
+            file = self.path / "model.keras"
+            try:
+                model = keras.saving.load_model(file, safe_mode=True)
+            except Exception as e:  # zip, HDF5 and deserialisation errors of a damaged file
+                raise UserInputError(
+                    f"Cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                    f". The file is damaged or was not written by tlapp; train the run again "
+                    f"or restore the file.") from None
+            classes = int(model.output.shape[-1])
+            if classes != len(self.labels):
+                raise UserInputError(
+                    f"{self.path / 'labels.txt'} lists {len(self.labels)} classes but the model "
+                    f"in {file} predicts {classes}: the run folder is inconsistent. Restore "
+                    f"labels.txt (one class per line, in class-index order).")
+            self._model = model
         return self._model
 
     @property
@@ -56,9 +74,23 @@ def load_run(path: str | Path) -> Run:
                              f"Give the folder that 'tlapp train --out' wrote.")
     config = config_lib.from_dict(config_lib.load_toml(path / "config.toml"), str(path))
     labels = (path / "labels.txt").read_text().splitlines()
+    if not labels or any(not label for label in labels):
+        raise UserInputError(f"{path / 'labels.txt'} must list one class per line, with no empty "
+                             f"lines; restore it from the run's training.")
     metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    try:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    except ValueError:
+        raise UserInputError(f"{metrics_file} is not valid JSON; restore it or delete it "
+                             f"(predict and export do not need it).") from None
     return Run(path, config, labels, metrics)
+
+
+def check_batch_size(batch_size: int) -> int:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserInputError(f"batch_size must be a whole number of at least 1. Received: "
+                             f"batch_size={batch_size!r}")
+    return batch_size
 
 
 def as_runs(runs) -> list[Run]:
@@ -85,6 +117,10 @@ def iter_predictions(runs, images: list[str], top_k: int = 5, batch_size: int = 
                      tta: str = "none"):
     """Like `predict`, but yields each file's result as soon as its chunk is done."""
     runs = as_runs(runs)
+    check_batch_size(batch_size)
+    if not isinstance(top_k, int) or not 1 <= top_k:
+        raise UserInputError(f"top_k must be at least 1 (the number of labels to show per "
+                             f"image). Received: top_k={top_k!r}")
     members = ensemble_members(runs)
     labels = runs[0].labels
     files = expand_inputs(images)

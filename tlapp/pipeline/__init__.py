@@ -17,6 +17,7 @@ from tlapp.augment.ops import cached_pca
 from tlapp.backbones import registry
 from tlapp.config import Config
 from tlapp.errors import UserInputError
+from tlapp.files import disk_full, is_disk_full
 from tlapp.inference.runs import Run
 from tlapp.pipeline import folder, stages
 from tlapp.pipeline.plan import Splits, precision_policy, resolve_plan, scan_data
@@ -59,10 +60,24 @@ def run(config: Config, resume: bool = False) -> Run:
     With resume=True, continues the interrupted run in `.OUT.partial/` from its last
     checkpoint (see `resume_config`).
     """
-    start = time.perf_counter()
     spec = registry.get_spec(config.backbone, config.preprocess)
-    cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     out = Path(config.out or folder.default_out(spec.name)).expanduser()
+    folder.check_out(out)
+    with folder.run_lock(out):
+        try:
+            return _run(config, spec, out, resume)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(out.parent, "the run folder", (
+                    f"Free some space, then continue with 'tlapp train --resume {out}' (the "
+                    f"run resumes from its last checkpoint), or choose --out on another "
+                    f"disk.")) from None
+            raise
+
+
+def _run(config: Config, spec, out: Path, resume: bool) -> Run:
+    start = time.perf_counter()
+    cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     temp = folder.prepare_out(out, resume)
     scanned = scan_data(config, cache_dir)
     timings = {"scan_s": time.perf_counter() - start}

@@ -1,7 +1,10 @@
 """The run folder: written as `.OUT.partial/` while the run lasts, renamed to OUT when complete."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,19 +25,70 @@ def default_out(backbone: str) -> Path:
     return Path("models") / f"{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+NAME_LIMIT = 240  # bytes of --out's last part: ".NAME.partial" must fit in 255
+
+
 def partial_dir(out: Path) -> Path:
     """Where a run is written until it is complete (then renamed to `out`)."""
     return out.with_name(f".{out.name}.partial")
 
 
+def check_out(out: Path) -> None:
+    """A run folder name that tlapp can write (and its partial folder and lock beside it)."""
+    size = len(os.fsencode(out.name))
+    if size > NAME_LIMIT:
+        raise UserInputError(f"The last part of --out is {size} bytes long; it must be at most "
+                             f"{NAME_LIMIT} (tlapp writes .NAME.partial beside it). Received: "
+                             f"out={str(out)[:80]!r}...")
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out must be a folder, but {out} is a file. Choose another "
+                             f"--out. Received: out={str(out)!r}")
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Holds the lock of run folder `out` (`.OUT.lock` beside it) for the block, so that two
+    processes never write one run. A lock left by a dead process is taken over.
+
+    Raises:
+        UserInputError: another live process holds it (the message names its PID).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserInputError(
+                f"Another tlapp process (PID {holder}) is writing the run {out}. Wait for it "
+                f"to finish (or stop it), or choose another --out.") from None
+        try:  # the holder before us may have removed the file after we opened it
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
 def prepare_out(out: Path, resume: bool) -> Path:
-    """Checks the run folder is free (unless resuming) and returns its partial folder."""
+    """Checks the run folder is free (unless resuming) and returns its partial folder.
+    Call it holding `run_lock(out)`."""
     temp = partial_dir(out)
     if not resume:
         if out.exists() and any(out.iterdir()):
             raise UserInputError(f"Output folder {out} already exists and is not empty. "
                                  f"Choose another --out or delete it.")
-        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)  # an interrupted run that was not resumed
     return temp
 
 
@@ -61,9 +115,13 @@ def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: 
 
 
 def finish_run(temp: Path, out: Path, metrics: dict) -> None:
-    """metrics.json last, then the partial folder becomes the run folder."""
+    """metrics.json last, then the partial folder becomes the run folder; nothing that
+    appeared at `out` meanwhile is replaced."""
     write_json(temp / "metrics.json", metrics)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
     if out.exists():
-        out.rmdir()  # checked empty by prepare_out
+        raise UserInputError(f"{out} appeared while the run was training, so the finished run "
+                             f"was left in {temp}: move it where you want it.")
     out.parent.mkdir(parents=True, exist_ok=True)
     temp.rename(out)

@@ -93,6 +93,13 @@ def resolve_plan(config: Config, spec: BackboneSpec, scanned: ScannedData, cache
     fine_tune_cut = cuts.resolve_fine_tune_cut(
         spec, base, cut, config.fine_tune_blocks, config.fine_tune_cut) \
         if config.fine_tune_epochs else None
+    live = cut is None or config.cache == "off"
+    if config.augment and not (live or config.aug_views > 1 or config.fine_tune_epochs):
+        raise UserInputError(
+            f"--augment would change nothing: stage 1 trains on cached features of unaugmented "
+            f"images. Add --aug-views K to cache K-1 augmented views per image, --cache off to "
+            f"augment live every step, or --fine-tune-epochs N to augment while fine-tuning. "
+            f"Received: augment={config.augment!r}")
     resolved = config.replace(
         data=config.data if config.data.startswith("tfds:") else str(scanned.root.resolve()),
         image_size=image_size, cut=cut, trainable_blocks="all" if scratch else None,

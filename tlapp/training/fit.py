@@ -19,8 +19,10 @@ import tensorflow as tf
 
 from tlapp.augment import ops as augment_ops
 from tlapp.data.datasets import shuffled_batches
+from tlapp.files import write_atomic
 from tlapp.progress import fit_verbosity
-from tlapp.training.checkpoint import HISTORY_FIELDS, Checkpoint
+from tlapp.training.checkpoint import (HISTORY_FIELDS, Checkpoint, EarlyStopping,
+                                       ReduceLROnPlateau)
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,6 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
     if checkpoint.restore_pending:  # resuming: the newest weights, once
         checkpoint.restore_weights(model)
         checkpoint.restore_pending = False
-    if 0 < done < settings.epochs:  # resuming inside this stage
-        checkpoint.restore_optimizer(optimizer)
     checkpoint.stage = stage
     if done < settings.epochs:
         if done:
@@ -112,15 +112,23 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
         if log_dir:
             callbacks.append(keras.callbacks.TensorBoard(str(log_dir / stage)))
         monitor = "val_loss" if val_batches is not None else "loss"
+        tracked = {}
         if settings.lr_schedule == "plateau":
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor, factor=0.2, patience=2))
+            tracked["plateau"] = ReduceLROnPlateau(monitor, factor=0.2, patience=2)
         if settings.early_stopping:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor, patience=settings.early_stopping, restore_best_weights=True))
+            tracked["early_stopping"] = EarlyStopping(
+                monitor, patience=settings.early_stopping, restore_best_weights=True)
+        callbacks += tracked.values()
+        checkpoint.track(**tracked)
+        if done:  # resuming inside this stage
+            checkpoint.restore_optimizer(optimizer)
+            checkpoint.restore_callbacks()
         callbacks.append(checkpoint)  # last: it saves what the others left
         train = shuffled_batches(n_train, settings.batch_size, settings.seed, done,
                                  settings.epochs, train_loader, parallel)
-        model.fit(train, epochs=settings.epochs, initial_epoch=done, steps_per_epoch=steps,
+        # Stopped early just before a kill: no epoch runs, the callbacks only end the stage.
+        first = settings.epochs if done and checkpoint.stopped_early(stage) else done
+        model.fit(train, epochs=settings.epochs, initial_epoch=first, steps_per_epoch=steps,
                   validation_data=val_batches, callbacks=callbacks,
                   class_weight=settings.class_weight, shuffle=False,
                   verbose=fit_verbosity())
@@ -134,7 +142,10 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, HISTORY_FIELDS, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    def write(temp: Path) -> None:
+        with open(temp, "w", newline="") as f:
+            writer = csv.DictWriter(f, HISTORY_FIELDS, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomic(path, write)
