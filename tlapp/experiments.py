@@ -32,6 +32,7 @@ import keras
 
 from tlapp import config as config_lib, pipeline
 from tlapp.errors import UserInputError
+from tlapp.pipeline.plan import scan_data
 from tlapp.files import write_text
 from tlapp.reporting.plots import plot_results
 
@@ -180,6 +181,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
     keys = list(dict.fromkeys(k for run in planned for k in run.settings))
     result = ExperimentResult(out, keys, [])
     log.info("experiment: %d runs in %s, feature cache %s", len(planned), out, cache_dir)
+    scans: dict = {}  # one scan per data folder and split settings, shared by its runs
     for number, run in enumerate(planned, 1):
         folder = out / run.name
         row = {"run": run.name, **{k: "" if run.settings[k] is None else run.settings[k]
@@ -194,7 +196,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
                             "otherwise", run.name, changed)
         else:
             log.info("experiment: run %d/%d %s", number, len(planned), run.name)
-            row |= _train(run, folder, cache_dir, result)
+            row |= _train(run, folder, cache_dir, result, scans)
         result.rows.append(row)
         write_results(result)
     plot_results(result.rows, out / "plots" / "results.png")
@@ -205,13 +207,17 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
     return result
 
 
-def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentResult) -> dict:
+def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentResult,
+           scans: dict) -> dict:
     keras.backend.clear_session()  # free the previous run's graphs; stable layer names
     errors = folder.parent / "errors" / f"{run.name}.txt"
     try:
         config = config_lib.from_dict(
             run.values | {"out": str(folder), "cache_dir": str(cache_dir)}, f"run {run.name}")
-        finished = pipeline.run(config)
+        shared = (config.data, config.val_fraction, config.test_fraction, config.max_pixels)
+        if shared not in scans:
+            scans[shared] = scan_data(config, cache_dir)
+        finished = pipeline.run(config, scanned=scans[shared])
     except Exception as e:  # recorded, and the other runs go on
         message = f"{type(e).__name__}: {e}"
         if isinstance(e, UserInputError):

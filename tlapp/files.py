@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,7 +52,12 @@ def locked(folder: Path):
 
 
 def is_disk_full(error: OSError) -> bool:
-    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    """ENOSPC or EDQUOT, or numpy's short write ("N requested and M written", no errno),
+    which is how np.save and ndarray.tofile report a full disk."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return error.errno is None and bool(re.search(r"\d+ requested and \d+ written",
+                                                  str(error)))
 
 
 def disk_full(folder: str | os.PathLike, what: str, advice: str = "") -> DiskFullError:

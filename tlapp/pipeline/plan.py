@@ -62,10 +62,18 @@ class Splits:
         return len(self.labels[name])
 
 
-def scan_data(config: Config, cache_dir: Path) -> ScannedData:
+def scan_data(config: Config, cache_dir: Path, scanned: ScannedData | None = None
+              ) -> ScannedData:
+    """The scanned data of `config`: `scanned` when it is a scan of the same folder with the
+    same split fractions and pixel limit (runs of one experiment share one), else a scan."""
     if not config.data:
         raise UserInputError("No data given: pass an image folder (or tfds:NAME) as DATA.")
     root = resolve_data(config.data, cache_dir)
+    options = {"val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
+               "max_pixels": config.max_pixels}
+    if scanned is not None and scanned.options == options and \
+            scanned.root.resolve() == root.resolve():
+        return scanned
     return scan_folder(root, config.val_fraction, config.test_fraction,
                        max_pixels=config.max_pixels, cache_dir=cache_dir)
 
