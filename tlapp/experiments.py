@@ -32,7 +32,6 @@ import keras
 
 from tlapp import config as config_lib, pipeline
 from tlapp.errors import UserInputError
-from tlapp.pipeline.plan import scan_data
 from tlapp.files import write_text
 from tlapp.reporting.plots import plot_results
 
@@ -214,10 +213,7 @@ def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentRes
     try:
         config = config_lib.from_dict(
             run.values | {"out": str(folder), "cache_dir": str(cache_dir)}, f"run {run.name}")
-        shared = (config.data, config.val_fraction, config.test_fraction, config.max_pixels)
-        if shared not in scans:
-            scans[shared] = scan_data(config, cache_dir)
-        finished = pipeline.run(config, scanned=scans[shared])
+        finished = pipeline.run(config, scans=scans)
     except Exception as e:  # recorded, and the other runs go on
         message = f"{type(e).__name__}: {e}"
         if isinstance(e, UserInputError):

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tlapp.augment import ops as augment_ops
 from tlapp.data.decoding import decode_image
+from tlapp.data.scan import ScannedData
 from tlapp.features.cache import FeatureCache
 from tlapp.progress import Progress
 
@@ -18,21 +19,32 @@ log = logging.getLogger(__name__)
 
 
 def extract_features(cache: FeatureCache, stem: keras.Model,
-                     files: Mapping[str, str | os.PathLike], image_size: int,
+                     files: Mapping[str, str | os.PathLike] | ScannedData, image_size: int,
                      batch_size: int = 32, pca=None) -> dict:
     """Runs `stem` on every (image, view) of `files` that has no row in `cache` yet and
     stores the rows, a shard at a time (a killed extraction keeps its finished shards).
 
     Args:
         stem: pixels (0-255) -> activations.
-        files: content hash -> a file with that content.
+        files: content hash -> a file with that content, or a scanned folder (its samples:
+            no dict of every file is built).
         pca: colour PCA for an augmentation spec with `pca`.
 
     Returns:
         {"extracted": rows computed now, "reused": rows already cached,
          "repaired": rows dropped from damaged shards (and extracted again)}.
     """
-    digests = list(files)
+    if isinstance(files, ScannedData):
+        root, samples = str(files.root), files.samples
+        digests = [s.sha256 for s in samples]
+
+        def path(p: int) -> str:
+            return os.path.join(root, samples[p].path)
+    else:
+        digests = list(files)
+
+        def path(p: int) -> str:
+            return os.fspath(files[digests[p]])
     positions, views, keys = cache.missing_rows(digests)
     total = len(digests) * cache.views
     reused = total - len(positions)
@@ -42,7 +54,7 @@ def extract_features(cache: FeatureCache, stem: keras.Model,
              shown, f"; extracting {len(positions):,} with the {cache.key['backbone']} stem"
              if len(positions) else "", cache.dir)
     if len(positions):
-        _extract(cache, stem, [os.fspath(files[digests[p]]) for p in positions], keys,
+        _extract(cache, stem, [path(p) for p in positions], keys,
                  views, image_size, batch_size, pca)
     cache.touch()
     return stats

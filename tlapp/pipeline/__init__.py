@@ -16,7 +16,6 @@ from tlapp import config as config_lib
 from tlapp.augment.ops import cached_pca
 from tlapp.backbones import registry
 from tlapp.config import Config
-from tlapp.data.scan import ScannedData
 from tlapp.errors import UserInputError
 from tlapp.inference.runs import Run
 from tlapp.pipeline import folder, stages
@@ -54,20 +53,19 @@ def resume_config(out: str | Path) -> Config:
     return config_lib.from_dict(config_lib.load_toml(config_file), str(config_file))
 
 
-def run(config: Config, resume: bool = False, scanned: ScannedData | None = None) -> Run:
+def run(config: Config, resume: bool = False, scans: dict | None = None) -> Run:
     """Runs the whole pipeline for one config and returns the finished run.
 
     With resume=True, continues the interrupted run in `.OUT.partial/` from its last
-    checkpoint (see `resume_config`). `scanned`: the data already scanned (`plan.scan_data`)
-    with this config's folder, fractions and pixel limit, e.g. by an earlier run of an
-    experiment; it is scanned here otherwise.
+    checkpoint (see `resume_config`). `scans`: scans shared by several runs (an experiment
+    passes the same dict to each): the folder is scanned once per split setting.
     """
     start = time.perf_counter()
     spec = registry.get_spec(config.backbone, config.preprocess)
     cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     out = Path(config.out or folder.default_out(spec.name)).expanduser()
     temp = folder.prepare_out(out, resume)
-    scanned = scan_data(config, cache_dir, scanned)
+    scanned = scan_data(config, cache_dir, scans)
     timings = {"scan_s": time.perf_counter() - start}
     with precision_policy(config.mixed_precision), contextlib.ExitStack() as closing:
         plan = resolve_plan(config, spec, scanned, cache_dir, out)

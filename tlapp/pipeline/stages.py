@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 import keras
@@ -86,13 +85,12 @@ def cached_features(plan: Plan, models: head.Models, scanned: ScannedData, split
     key = cache_key(plan.spec.name, models.stem, plan.cut, models.pooled, plan.image_size,
                     plan.spec.preprocess, views=config.aug_views, dtype=config.cache_dtype,
                     augment=config.augment, augment_seed=config.seed)
-    root = str(scanned.root)
-    files = {s.sha256: os.path.join(root, s.path) for s in scanned.samples}
+    stats = None
     for attempt in (1, 2):
         cache = FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
-        found = extract_features(cache, models.stem, files, plan.image_size,
+        found = extract_features(cache, models.stem, scanned, plan.image_size,
                                  config.batch_size, pca=pca)
-        stats = found if attempt == 1 else {  # the second time: the damaged rows only
+        stats = found if stats is None else {  # the second time: the damaged rows only
             "extracted": stats["extracted"] + found["extracted"],
             "reused": stats["reused"] - found["extracted"],
             "repaired": stats["repaired"] + found["repaired"] + found["extracted"]}
