@@ -203,12 +203,12 @@ class Decoder:
             .ignore_errors()
             .prefetch(DECODE_QUEUE))
         try:
-            for index, height, width, too_large, _ in dataset.as_numpy_iterator():
+            for index, height, width, _ in dataset.as_numpy_iterator():
                 while self.sent[0][0] != index:  # dropped by ignore_errors: it failed
                     self._explain(self.sent.popleft())
                 i, digest, _ = self.sent.popleft()
-                self.outbox.put(("ok", i, digest, validation.record(
-                    "too large" if too_large else None, "", int(height), int(width))))
+                self.outbox.put(("ok", i, digest, validation.record(None, "", int(height),
+                                                                    int(width))))
             while self.sent:
                 self._explain(self.sent.popleft())
         except BaseException as e:  # surfaced in the main thread

@@ -7,6 +7,7 @@ folder in one tf.data pipeline and comes here for the files that fail it.
 """
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -112,10 +113,15 @@ def precheck(data: bytes) -> dict | None:
 
 def graph_check(data: tf.Tensor, max_pixels: int) -> tuple[tf.Tensor, ...]:
     """`check_image` on bytes `precheck` passed, in TensorFlow ops (for tf.data): (height,
-    width, too large, a sum of the pixels that makes the decode run). Fails where
-    check_image would find a problem; check_image then says which."""
-    shape = header_shape(data)
-    too_large = shape[0] * shape[1] > max_pixels
-    pixels = tf.cond(too_large, lambda: tf.constant(0.0),
-                     lambda: tf.reduce_sum(decode_image(data, VALIDATION_SIZE, None)))
-    return shape[0], shape[1], too_large, pixels
+    width, a sum of the pixels that makes the decode run). Fails where check_image finds a
+    problem (too large included); check_image then says which."""
+    return compiled_check(max_pixels)(data)
+
+
+@functools.cache
+def compiled_check(max_pixels: int):
+    """The check as a tf.function: traced once per process, however many scans follow."""
+    def check(data):
+        shape = header_shape(data)
+        return shape[0], shape[1], tf.reduce_sum(decode_image(data, VALIDATION_SIZE, max_pixels))
+    return tf.function(check, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlapp.features.cache import DamagedCacheError, FeatureCache
+from tlapp.progress import Progress
 
 READ_BYTES = 4 * 2**20  # rows per call: about this many bytes (at least one batch)
 MAX_READ_ROWS = 1024
@@ -145,9 +146,11 @@ class FeatureLoader:
         shards, rows = self.shards.ravel(), self.rows.ravel()
         order = np.lexsort((rows, shards))
         step = self.read_rows * 8  # in storage order: mostly long runs, read as slices
+        progress = Progress(len(order), "row", "cache check")
         for start in range(0, len(order), step):
             chosen = order[start:start + step]
             self.reader.read(shards[chosen], rows[chosen])
+            progress.update(start + len(chosen))
 
     def close(self) -> None:
         self.reader.close()
