@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         cut = cuts.resolve_cut(spec, base, None, 0)
         models = head.build_models(spec, base, cut, 4, 0.2, args.size)
         key = cache_key(spec, models, cut, args.size)
-        cache_lib.FeatureCache(work / "warm", key).extract(
+        extract_features(cache_lib.FeatureCache(work / "warm", key),
             models.stem, dict(list(files.items())[:bs]), args.size, bs)
 
         for r in range(args.repeats):  # interleaved, so load changes hit every case alike

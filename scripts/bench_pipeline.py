@@ -177,7 +177,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     models.stem.predict(pixels[0], batch_size=bs, verbose=0)
     key = cache_key(spec, models, cut, size)
     warm = dict(list(files.items())[:bs])
-    cache_lib.FeatureCache(work / "cache-warm", key).extract(
+    extract_features(cache_lib.FeatureCache(work / "cache-warm", key),
         models.stem, warm, size, bs)
     if "b" in parts or "c" in parts:
         guide = guide_model(spec, size, classes, seed=0)
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         base_e = registry.build_backbone(spec, "none", size, seed=0)
         models_e = head.build_models(spec, base_e, args.spatial_cut, classes, 0.2, size)
         key_e = cache_key(spec, models_e, args.spatial_cut, size)
-        cache_lib.FeatureCache(work / "cache-warm-e", key_e).extract(
+        extract_features(cache_lib.FeatureCache(work / "cache-warm-e", key_e),
             models_e.stem, warm, size, bs)
     live_settings = fit.Settings(epochs=args.live_epochs, batch_size=bs, lr=1e-3, seed=0)
 

@@ -57,7 +57,7 @@ def test_rows_equal_the_stem_and_reads_stream(tmp_path):
     stats = extract_features(feature_cache, stem, files, SIZE, batch_size=4)
     assert stats == {"extracted": 18, "reused": 0, "repaired": 0}
     manifest = cache_lib.read_manifest(feature_cache.dir)
-    assert [len(s["rows"]) for s in manifest["shards"]] == [4, 4, 4, 4, 2]
+    assert sorted(len(s["rows"]) for s in manifest["shards"]) == [2, 4, 4, 4, 4]
     digests = list(files)
     np.testing.assert_allclose(all_rows(feature_cache, digests), reference_rows(stem, files),
                                rtol=1e-5, atol=1e-5)
@@ -175,8 +175,8 @@ from tlapp.data import scan
 from tlapp.features.extract import extract_features
 from pathlib import Path
 real = cache_lib.FeatureCache.write_shard
-def slow(self, *args):
-    real(self, *args)
+def slow(self, *args, **kwargs):
+    real(self, *args, **kwargs)
     print("shard", flush=True)
     time.sleep({pause})
 cache_lib.FeatureCache.write_shard = slow

@@ -110,7 +110,7 @@ def test_rerun_skips_finished_runs(experiment, monkeypatch, capsys):
     calls = []
     original = experiments.pipeline.run
     monkeypatch.setattr(experiments.pipeline, "run",
-                        lambda config: calls.append(config.out) or original(config))
+                        lambda config, **kw: calls.append(config.out) or original(config, **kw))
     assert cli.main(["experiment", str(path)]) == 2
     assert calls == [str(out / "broken")]  # only the unfinished run is tried again
     rows = read_rows(out)
@@ -124,7 +124,7 @@ def test_rerun_skips_finished_runs(experiment, monkeypatch, capsys):
 
 
 def test_unexpected_errors_are_recorded_and_exit_1(tmp_path, monkeypatch):
-    def fake_run(config):
+    def fake_run(config, **kwargs):
         if config.lr > 0.05:
             raise RuntimeError("out of memory")
         raise UserInputError("bad input")

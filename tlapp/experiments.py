@@ -180,6 +180,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
     keys = list(dict.fromkeys(k for run in planned for k in run.settings))
     result = ExperimentResult(out, keys, [])
     log.info("experiment: %d runs in %s, feature cache %s", len(planned), out, cache_dir)
+    scans: dict = {}  # one scan per data folder and split settings, shared by its runs
     for number, run in enumerate(planned, 1):
         folder = out / run.name
         row = {"run": run.name, **{k: "" if run.settings[k] is None else run.settings[k]
@@ -194,7 +195,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
                             "otherwise", run.name, changed)
         else:
             log.info("experiment: run %d/%d %s", number, len(planned), run.name)
-            row |= _train(run, folder, cache_dir, result)
+            row |= _train(run, folder, cache_dir, result, scans)
         result.rows.append(row)
         write_results(result)
     plot_results(result.rows, out / "plots" / "results.png")
@@ -205,13 +206,14 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
     return result
 
 
-def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentResult) -> dict:
+def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentResult,
+           scans: dict) -> dict:
     keras.backend.clear_session()  # free the previous run's graphs; stable layer names
     errors = folder.parent / "errors" / f"{run.name}.txt"
     try:
         config = config_lib.from_dict(
             run.values | {"out": str(folder), "cache_dir": str(cache_dir)}, f"run {run.name}")
-        finished = pipeline.run(config)
+        finished = pipeline.run(config, scans=scans)
     except Exception as e:  # recorded, and the other runs go on
         message = f"{type(e).__name__}: {e}"
         if isinstance(e, UserInputError):

@@ -124,11 +124,16 @@ def cmd_cache(args) -> int:
               f"{sum(e['bytes'] for e in entries) / 2**20:,.1f} MiB")
         for e in chosen:
             key = e["key"]
-            print(f"  {e['entry']}\n    backbone {key['backbone']}, weights "
-                  f"{key['weights'][:12]}, cut {key['cut']}, {key['image_size']} px, "
-                  f"{key.get('views', 1)} view(s), {key.get('dtype', 'float32')}; {e['rows']:,} "
-                  f"rows, {e['bytes'] / 2**20:,.1f} MiB, last used "
+            described = (f"backbone {key['backbone']}, weights {str(key['weights'])[:12]}, "
+                         f"cut {key['cut']}, {key['image_size']} px, {key.get('views', 1)} "
+                         f"view(s), {key.get('dtype', 'float32')}; ") if all(
+                k in key for k in ("backbone", "weights", "cut", "image_size")) else ""
+            print(f"  {e['entry']}\n    {described}{e['rows']:,} rows, "
+                  f"{e['bytes'] / 2**20:,.1f} MiB, last used "
                   f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e['last_used']))}")
+            for file, problem in e["problems"]:
+                print(f"    damaged: {file}: {problem} (the next run that uses the entry "
+                      f"repairs it; 'tlapp cache clear {e['entry']}' removes it)")
         return 0
     if args.action == "verify":
         damaged = 0

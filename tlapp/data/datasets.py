@@ -48,7 +48,7 @@ def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch: int, epoch
 
     `load(index, epoch)` -> (x, label) for one example (parallel=True maps it on many
     threads, for decoding and augmentation); otherwise `load(indices, epoch)` is called on
-    a whole batch of indices.
+    the indices of `batches_per_call(load, batch_size)` batches at once.
     """
     def epoch(e):
         order = tf.random.experimental.stateless_shuffle(
@@ -57,7 +57,7 @@ def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch: int, epoch
         if parallel:  # deterministic order keeps runs reproducible; work stays parallel
             return dataset.map(lambda i: load(i, e),
                                num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-        return dataset.batch(batch_size).map(lambda i: load(i, e))
+        return _batched_calls(dataset, batch_size, lambda i: load(i, e), load)
 
     return (tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch)
             .prefetch(tf.data.AUTOTUNE))
@@ -68,5 +68,21 @@ def ordered_batches(load: Callable, n: int, batch_size: int,
     """Batches of examples 0..n-1 in order, never augmented (validation, test, statistics)."""
     dataset = tf.data.Dataset.range(n)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size) \
-        if parallel else dataset.batch(batch_size).map(load)
+        if parallel else _batched_calls(dataset, batch_size, load, load)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def batches_per_call(load: Callable, batch_size: int) -> int:
+    """How many batches a per-batch loader reads in one call: its `read_rows` (rows it reads
+    best at once, e.g. a few MB of cached features) over the batch size, else 1."""
+    return max(1, int(getattr(load, "read_rows", 0)) // batch_size)
+
+
+def _batched_calls(indices: tf.data.Dataset, batch_size: int, call: Callable,
+                   load: Callable) -> tf.data.Dataset:
+    """`call` on several batches of indices at once, split back into the same batches (the
+    same examples in the same order as one call per batch: only the calls are fewer)."""
+    calls = batches_per_call(load, batch_size)
+    if calls == 1:
+        return indices.batch(batch_size).map(call)
+    return indices.batch(batch_size * calls).map(call).rebatch(batch_size)

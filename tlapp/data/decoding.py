@@ -98,13 +98,17 @@ def _declared_shape(data: tf.Tensor, kind: str) -> tf.Tensor:
                  tf.stack([head.read(28, 2) % 16384, head.read(26, 2) % 16384])))
 
 
+def header_shape(data: tf.Tensor) -> tf.Tensor:
+    """[height, width] (int64) an encoded image's header declares ([0, 0] for a format
+    `decode_image` does not read), in TensorFlow ops (for tf.data and graphs)."""
+    return tf.switch_case(_format_index(data), [
+        lambda kind=kind: _declared_shape(data, kind) for kind in FORMATS
+    ] + [lambda: tf.zeros([2], tf.int64)])
+
+
 @functools.cache
 def _compiled_shape():
-    def shape(data):
-        return tf.switch_case(_format_index(data), [
-            lambda kind=kind: _declared_shape(data, kind) for kind in FORMATS
-        ] + [lambda: tf.zeros([2], tf.int64)])
-    return tf.function(shape)
+    return tf.function(header_shape)
 
 
 def image_shape(data: tf.Tensor | bytes) -> tuple[int, int]:

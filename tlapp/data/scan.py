@@ -1,17 +1,26 @@
-"""Image folders: find every file, validate the images (see validation.py), split them by
-content hash into train/val/test, and report what was used, skipped and ignored."""
+"""Image folders: find every file, validate the images (checking.py), split them by
+content hash into train/val/test (splits.py), and report what was used, skipped and ignored.
+
+The scan streams: files are listed as plain strings, checked a window at a time with the
+results stored as they come, and split and counted in one pass, so its memory is what the
+finished scan holds (about 300 bytes per image) and its time grows linearly.
+"""
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import glob
-import hashlib
 import logging
 import os
+import time
+import unicodedata
 from pathlib import Path
 
 from tlapp.constants import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SPLITS
-from tlapp.data import validation
+from tlapp.data import checking
+from tlapp.data.splits import (MIN_CLASS_IMAGES, assign_splits, hash_fraction,  # noqa: F401
+                               split_samples, split_warnings)
 from tlapp.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -21,11 +30,13 @@ log = logging.getLogger(__name__)
 OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl",
                           ".ico", ".icns", ".psd", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
                           ".dds", ".pcx", ".svg", ".dng", ".cr2", ".nef", ".arw")
+CANDIDATE_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS)
 SYSTEM_NAMES = ("thumbs.db", "desktop.ini", "__macosx")  # plus every name starting with "."
-MIN_CLASS_IMAGES = 3  # fewer cannot fill train, val and test
+LINE_BREAKING = ("Cc", "Zl", "Zp")  # categories that break a file listing one label per line
+LIST_LOG_S = 10.0  # while listing a huge folder, say how far it got this often
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Sample:
     path: str  # relative to the data root, with forward slashes
     label: int
@@ -44,36 +55,40 @@ class ScannedData:
     ignored: list[str]  # hidden, system and non-image files
     duplicates: int = 0  # used files whose content another used file already has
     warnings: list[str] = dataclasses.field(default_factory=list)
+    checked: int = 0  # contents decode-checked by this scan (the rest were known)
+    options: dict = dataclasses.field(default_factory=dict)  # the scan's settings
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
 
     def counts(self) -> dict:
         """found = used + skipped + ignored: every file under the data folder."""
-        counts = {"found": len(self.samples) + len(self.skipped) + len(self.ignored),
-                  "used": len(self.samples), "skipped": len(self.skipped),
-                  "ignored": len(self.ignored)}
-        counts |= {name: len(self.split(name)) for name in SPLITS}
+        splits = collections.Counter(s.split for s in self.samples)
+        labels = collections.Counter(s.label for s in self.samples)
         reasons = collections.Counter(item["reason"] for item in self.skipped)
-        return counts | {"duplicates": self.duplicates,
-                         "skipped_by_reason": dict(sorted(reasons.items(),
-                                                          key=lambda kv: (-kv[1], kv[0]))),
-                         "per_class": {name: sum(s.label == i for s in self.samples)
-                                       for i, name in enumerate(self.classes)}}
+        return {"found": len(self.samples) + len(self.skipped) + len(self.ignored),
+                "used": len(self.samples), "skipped": len(self.skipped),
+                "ignored": len(self.ignored)} | {name: splits[name] for name in SPLITS} | {
+            "duplicates": self.duplicates,
+            "skipped_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "per_class": {name: labels[i] for i, name in enumerate(self.classes)}}
 
     def split_json(self) -> dict:
-        return {name: [s.path for s in self.split(name)] for name in SPLITS} | {
-            "skipped": self.skipped, "ignored": self.ignored}
+        by_split = {name: [] for name in SPLITS}
+        for s in self.samples:
+            by_split[s.split].append(s.path)
+        return by_split | {"skipped": self.skipped, "ignored": self.ignored}
 
 
 def _is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_NAMES
 
 
-def _list_files(folder: Path) -> list[Path]:
-    """Every file under `folder`, following symlinks; a folder reached twice (a symlink
-    loop, or two links to one place) is listed once."""
-    files, seen = [], set()
+def _walk(folder: str):
+    """(directory relative to `folder` with forward slashes, "" for itself; sorted names of
+    its files) for every directory, following symlinks; a directory reached twice (a
+    symlink loop, or two links to one place) is listed once."""
+    seen = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -81,77 +96,78 @@ def _list_files(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames.sort()
-        files += [Path(dirpath) / name for name in sorted(filenames)]
-    return files
+        relative = os.path.relpath(dirpath, folder)
+        yield ("" if relative == "." else relative.replace(os.sep, "/")), sorted(filenames)
+
+
+def _list_files(folder: Path) -> list[Path]:
+    """Every file under `folder` (see `_walk`), as paths."""
+    return [Path(folder) / directory / name for directory, names in _walk(str(folder))
+            for name in names]
 
 
 def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_ignored(p.name))
 
 
-def hash_fraction(key: str) -> float:
-    """A stable number in [0, 1) from a string: a file's split never depends on other files."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16) / 16**15
+def _check_class_name(folder: Path) -> None:
+    bad = [ch for ch in folder.name if unicodedata.category(ch) in LINE_BREAKING]
+    if bad:
+        raise UserInputError(
+            f"The class folder name {folder.name!r} (in {folder.parent}) contains a control "
+            f"or line-break character ({', '.join(sorted({repr(c) for c in bad}))}), which "
+            f"would break labels.txt and every file that lists one label per line. Rename "
+            f"the folder.")
 
 
-def assign_splits(keys: list[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
-    """Stable hash split of one class's files (keyed by content hash, or any string), with
-    at least one val and one test file whenever the class has 3 or more.
+@dataclasses.dataclass
+class _Candidates:
+    """The files that may be images of a class: parallel compact columns."""
 
-    A key's split depends only on itself, except in a class the hash left without a train,
-    val or test file: there one key is moved from a split that can spare one (train first,
-    lowest hash first). Adding keys to a class that needed no filling moves nothing.
-    """
-    paths = list(dict.fromkeys(keys))
-    u = {p: hash_fraction(p) for p in paths}
-    split = {p: "test" if u[p] < test_fraction else
-             "val" if u[p] < test_fraction + val_fraction else "train" for p in paths}
-    if len(paths) >= 3:
-        by_u = sorted(paths, key=u.get)
-        wanted = ["train"] + [name for name, f in (("test", test_fraction),
-                                                   ("val", val_fraction)) if f > 0]
-        for target in wanted:
-            counts = {name: list(split.values()).count(name) for name in SPLITS}
-            if counts[target] == 0:  # take a file from a split that can spare one, train first
-                donors = [p for p in by_u if counts[split[p]] > 1]
-                donor = next((p for p in donors if split[p] == "train"), donors[0])
-                split[donor] = target
-    return split
-
-
-@dataclasses.dataclass(frozen=True)
-class _Candidate:
-    path: str
-    label: int
-    given: str | None  # the split folder it is in (presplit layout), else None
+    paths: list = dataclasses.field(default_factory=list)  # relative, forward slashes
+    labels: array.array = dataclasses.field(default_factory=lambda: array.array("i"))
+    given: list = dataclasses.field(default_factory=list)  # the split folder, or None
 
 
 def _find_candidates(root: Path, split_roots: dict[str, Path], classes: list[str]
-                     ) -> tuple[list[_Candidate], list[str]]:
+                     ) -> tuple[_Candidates, list[str]]:
     """Every file under `root`: a candidate image of a class, or ignored."""
-    known = set(classes)
+    label_of = {name: i for i, name in enumerate(classes)}
     for given, split_root in split_roots.items():
         for folder in _class_folders(split_root):
-            if folder.name not in known:
+            _check_class_name(folder)
+            if folder.name not in label_of:
                 raise UserInputError(f"{folder} is a class that {root / 'train'} does not have. "
                                      f"Every split must use the classes of train/.")
-    candidates, ignored = [], []
-    for file in _list_files(root):
-        relative = file.relative_to(root).as_posix()
-        parts = relative.split("/")
-        given = parts[0] if split_roots.keys() != {""} else None
-        where = parts[1:] if given else parts
-        usable = (given is None or given in split_roots) and len(where) >= 2 and \
-            where[0] in known and not any(_is_ignored(part) for part in parts) and \
-            file.suffix.lower() in IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS
-        if usable:
-            candidates.append(_Candidate(relative, classes.index(where[0]), given))
-        else:
-            ignored.append(relative)
-    found = collections.Counter((c.given, c.label) for c in candidates)
+    presplit = split_roots.keys() != {""}
+    candidates, ignored = _Candidates(), []
+    found = collections.Counter()
+    listed, last_log = 0, time.monotonic()
+    for directory, names in _walk(str(root)):
+        parts = directory.split("/") if directory else []
+        given = (parts[0] if parts else None) if presplit else None
+        where = parts[1:] if presplit else parts
+        in_class = (not presplit or given in split_roots) and len(where) >= 1 and \
+            where[0] in label_of and not any(_is_ignored(part) for part in parts)
+        prefix = directory + "/" if directory else ""
+        for name in names:
+            relative = prefix + name
+            if in_class and not _is_ignored(name) and \
+                    os.path.splitext(name)[1].lower() in CANDIDATE_EXTENSIONS:
+                label = label_of[where[0]]
+                candidates.paths.append(relative)
+                candidates.labels.append(label)
+                candidates.given.append(given)
+                found[given, label] += 1
+            else:
+                ignored.append(relative)
+        listed += len(names)
+        if time.monotonic() - last_log > LIST_LOG_S:
+            log.info("scan: listed %s files so far", f"{listed:,}")
+            last_log = time.monotonic()
     for given, split_root in split_roots.items():
         for folder in _class_folders(split_root):
-            if given in ("", "train") and not found[given or None, classes.index(folder.name)]:
+            if given in ("", "train") and not found[given or None, label_of[folder.name]]:
                 raise UserInputError(
                     f"Class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
                     f"Add images or remove the folder.")
@@ -166,10 +182,11 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
     `root` holds one folder per class, or `train/` (and optionally `val/`, `test/`)
     each laid out so; a split that is not given is carved out of train by content hash,
     so identical files always share a split. Images in nested folders belong to their
-    top-level class folder. Check results are cached under `cache_dir` when given.
+    top-level class folder. Check results are kept under `cache_dir` when given.
 
     Raises:
-        UserInputError: missing folder, fewer than 2 classes, or a class with no usable image.
+        UserInputError: missing folder, fewer than 2 classes, a class with no usable image,
+            or a class folder whose name holds a control character.
     """
     root = Path(root).expanduser()
     if root.is_file():
@@ -188,63 +205,41 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
             f"{split_roots.get('train', root)} has {len(classes)} class folder(s) "
             f"({', '.join(classes) or 'none'}); tlapp needs at least 2: put each class's "
             f"images in its own subfolder.")
+    log.info("scan: listing the files under %s", root)
     candidates, ignored = _find_candidates(root, split_roots, classes)
 
     log.info("scan: %s images in %d classes under %s; checking they decode",
-             f"{len(candidates):,}", len(classes), root)
-    checks = validation.check_files([root / c.path for c in candidates], max_pixels, cache_dir)
-    skipped = [{"path": c.path, "reason": r["reason"], "detail": r["detail"]}
-               for c, r in zip(candidates, checks) if r["reason"]]
-    usable = [(c, r["sha256"]) for c, r in zip(candidates, checks) if not r["reason"]]
-    for label, name in enumerate(classes):
-        if not any(c.label == label for c, _ in usable):
-            mine = [f"{c.path} ({r['reason']})" for c, r in zip(candidates, checks)
-                    if c.label == label][:3]
-            raise UserInputError(f"Class '{name}' has no image that decodes: "
-                                 f"{', '.join(mine)}. Fix or remove the folder.")
-    data = ScannedData(root, classes, [], skipped, ignored)
-    data.samples = _split_samples(usable, classes, split_roots, val_fraction, test_fraction,
-                                  data)
+             f"{len(candidates.paths):,}", len(classes), root)
+    checks = checking.check_files(str(root), candidates.paths, max_pixels, cache_dir)
+    skipped = [{"path": candidates.paths[i], "reason": reason, "detail": detail}
+               for i, (reason, detail) in sorted(checks.problems.items())]
+    usable = [i for i, digest in enumerate(checks.digests)
+              if digest is not None and i not in checks.problems]
+    _require_each_class(usable, candidates, checks, classes)
+    carve = {name: 0.0 if name in split_roots else f
+             for name, f in (("val", val_fraction), ("test", test_fraction))}
+    splits, report = split_samples([checks.digests[i] for i in usable],
+                                   [candidates.labels[i] for i in usable],
+                                   [candidates.given[i] for i in usable], len(classes), carve)
+    samples = [Sample(candidates.paths[i], candidates.labels[i], split, checks.digests[i])
+               for i, split in zip(usable, splits)]
+    data = ScannedData(root, classes, samples, skipped, ignored, report["duplicates"],
+                       split_warnings(report, classes), checks.checked, {
+                           "val_fraction": val_fraction, "test_fraction": test_fraction,
+                           "max_pixels": max_pixels})
     report_scan(data)
     return data
 
 
-def _split_samples(usable: list[tuple[_Candidate, str]], classes: list[str],
-                   split_roots: dict, val_fraction: float, test_fraction: float,
-                   data: ScannedData) -> list[Sample]:
-    """Assigns splits by content hash, so identical files share one split (across classes:
-    the first class's). Given val/ and test/ folders are used as they are; copies between
-    given splits are only reported. Notes duplicates and warnings on `data`."""
-    fractions = {name: 0.0 if name in split_roots else f
-                 for name, f in (("val", val_fraction), ("test", test_fraction))}
-    chosen, split_of = {}, {}
-    for label in range(len(classes)):
-        mine = [(c, d) for c, d in usable if c.label == label and c.given in (None, "train")]
-        assigned = assign_splits([d for _, d in mine], fractions["val"], fractions["test"])
-        for c, digest in mine:
-            split_of[c.path] = chosen.setdefault(digest, assigned[digest])
-    samples = [Sample(c.path, c.label, split_of.get(c.path, c.given), d) for c, d in usable]
-
-    data.duplicates = len(samples) - len({s.sha256 for s in samples})
-    labels, given = collections.defaultdict(set), collections.defaultdict(set)
-    for c, digest in usable:
-        labels[digest].add(c.label)
-        given[digest].add(c.given)
-    conflicts = sum(len(v) > 1 for v in labels.values())
-    if conflicts:
-        data.warnings.append(f"{conflicts} image(s) appear with identical content in more than "
-                             f"one class folder: their labels conflict")
-    leaks = sum(len(v - {None}) > 1 for v in given.values())
-    if leaks:
-        data.warnings.append(f"{leaks} image(s) appear in more than one of the given train/, "
-                             f"val/ and test/ folders: the splits overlap (kept as given)")
+def _require_each_class(usable: list[int], candidates: _Candidates, checks, classes) -> None:
+    per_class = collections.Counter(candidates.labels[i] for i in usable)
     for label, name in enumerate(classes):
-        count = sum(s.label == label for s in samples)
-        if count < MIN_CLASS_IMAGES:
-            data.warnings.append(f"class '{name}' has only {count} usable image(s): it cannot "
-                                 f"appear in train, val and test; add at least "
-                                 f"{MIN_CLASS_IMAGES - count} more")
-    return samples
+        if not per_class[label]:
+            mine = [f"{candidates.paths[i]} ({checks.problems[i][0]})"
+                    for i in range(len(candidates.paths))
+                    if candidates.labels[i] == label and i in checks.problems][:3]
+            raise UserInputError(f"Class '{name}' has no image that decodes: "
+                                 f"{', '.join(mine)}. Fix or remove the folder.")
 
 
 def scan_summary(data: ScannedData) -> str:

@@ -1,9 +1,10 @@
 """The feature cache on disk: entries keyed by what changes activations, shards of rows
-keyed by image content, the manifest, and integrity checks.
+keyed by image content, and their integrity.
 
 An entry is a folder `BACKBONE-CUT-SIZEpx-DIGEST/` holding `.npy` shards (one row per image
-and view) and `manifest.json` (key, feature shape, shards with their rows and checksums).
-Extraction is in extract.py, streaming reads in loader.py.
+and view), each with its record of which rows it holds (records.py); the entry's index is
+the union of the records (index.py). Extraction is in extract.py, streaming reads in
+loader.py.
 """
 from __future__ import annotations
 
@@ -11,19 +12,23 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import time
 from pathlib import Path
+from typing import Sequence
 
 import keras
 import numpy as np
 
 from tlapp.data.decoding import DECODER_VERSION
-from tlapp.files import disk_full, file_sha256, is_disk_full, locked, write_atomic, write_json
+from tlapp.errors import UserInputError
+from tlapp.features import index as index_lib, records
+from tlapp.features.entries import (clear_entries, list_entries, read_manifest,  # noqa: F401
+                                    verify_entry)
+from tlapp.features.records import KEY_DTYPE, ShardInfo
+from tlapp.files import disk_full, file_sha256, is_disk_full
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # of the key (the activations): the entry's name depends on it
 SHARD_BYTES = 64 * 2**20
 
 
@@ -69,32 +74,16 @@ def row_key(digest: str, view: int) -> str:
     return digest if view == 0 else f"{digest}#{view}"
 
 
-def read_manifest(entry: Path) -> dict | None:
-    try:
-        return json.loads((entry / "manifest.json").read_text())
-    except FileNotFoundError:
-        return None
-
-
-def shard_problem(entry: Path, shard: dict, full: bool = True) -> str | None:
-    """Why a shard cannot be trusted (missing, truncated, checksum), or None.
-
-    full=False checks the checksum only when the file changed since it was written
-    (size or mtime), which catches truncation and edits without reading every byte.
-    """
-    path = entry / shard["file"]
-    if not path.is_file():
-        return "missing"
-    stat = path.stat()
-    if stat.st_size != shard["bytes"]:
-        return f"truncated or extended ({stat.st_size} bytes, expected {shard['bytes']})"
-    if (full or stat.st_mtime_ns != shard.get("mtime_ns")) and file_sha256(path) != shard["sha256"]:
-        return "checksum mismatch"
-    return None
+class DamagedCacheError(UserInputError):
+    """Rows read from the cache are not what was written (found while reading them)."""
 
 
 class FeatureCache:
     """One cache entry: which rows it holds and where, and adding shards of new rows.
+
+    Opening it loads the union of its shards' records, checks every shard (size, and the
+    checksum of those changed since written), removes damaged ones (their rows count as
+    `repaired` and are extracted again) and converts a layout-2 entry.
 
     Args:
         cache_dir: the cache folder.
@@ -108,108 +97,165 @@ class FeatureCache:
         self.views = int(key.get("views", 1))
         self.dtype = np.dtype(key.get("dtype", "float32"))
         self.shard_bytes = shard_bytes
-        self.repaired = self._drop_damaged()
-        self.index: dict[str, tuple[str, int]] = {}
-        self.feature_shape: tuple = ()
-        self._load_index()
+        loaded = index_lib.load_index(self.dir, repair=True)
+        self.repaired = loaded.dropped_rows
+        self.feature_shape = tuple(loaded.meta.get("feature_shape", ()))
+        self.shards: list[ShardInfo] = []
+        self._position: dict[str, int] = {}
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # keys, shard, row
+        self._lookup: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._add(loaded.shards, loaded.keys)
 
-    def _drop_damaged(self) -> int:
-        """Removes shards that fail their checks from the manifest; returns rows dropped."""
-        manifest = read_manifest(self.dir)
-        if not manifest:
-            return 0
-        damaged = [(s, p) for s in manifest["shards"] if (p := shard_problem(self.dir, s, False))]
-        if not damaged:
-            return 0
-        with locked(self.dir):
-            manifest = read_manifest(self.dir)
-            bad = {s["file"] for s, _ in damaged}
-            manifest["shards"] = [s for s in manifest["shards"] if s["file"] not in bad]
-            write_json(self.dir / "manifest.json", manifest)
-            for name in bad:
-                (self.dir / name).unlink(missing_ok=True)
-        for shard, problem in damaged:
-            log.warning("cache: shard %s is damaged (%s); its %d rows will be extracted again",
-                        shard["file"], problem, len(shard["rows"]))
-        return sum(len(s["rows"]) for s, _ in damaged)
+    def _add(self, shards: list[ShardInfo], keys: np.ndarray) -> None:
+        new = [s for s in shards if s.name not in self._position]
+        if len(new) < len(shards):  # a shard another writer stored under the same name
+            keep = np.repeat([s.name not in self._position for s in shards],
+                             [s.rows for s in shards])
+            keys = keys[keep]
+        for shard in new:
+            self._position[shard.name] = len(self.shards)
+            self.shards.append(shard)
+        counts = [s.rows for s in new]
+        self._parts.append((keys, np.repeat(np.arange(len(self.shards) - len(new),
+                                                      len(self.shards), dtype=np.int32), counts),
+                            np.concatenate([np.arange(n, dtype=np.int32) for n in counts])
+                            if new else np.zeros(0, np.int32)))
+        self._lookup = None
 
-    def _load_index(self) -> None:
-        manifest = read_manifest(self.dir) or {"shards": []}
-        self.index = {row: (shard["file"], i) for shard in manifest["shards"]
-                      for i, row in enumerate(shard["rows"])}
-        self.feature_shape = tuple(manifest.get("feature_shape", ()))
+    def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keys sorted (each once: the first shard that holds it), their shard and row."""
+        if self._lookup is None:
+            keys, shard, row = (np.concatenate(column) for column in zip(*self._parts))
+            order = np.argsort(keys, kind="stable")
+            keys, shard, row = keys[order], shard[order], row[order]
+            first = np.ones(len(keys), bool)
+            first[1:] = keys[1:] != keys[:-1]
+            self._lookup = keys[first], shard[first], row[first]
+            self._parts = [self._lookup]
+        return self._lookup
 
-    def missing(self, digests: list[str]) -> list[tuple[str, int]]:
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found, position in the sorted table) of each key."""
+        table = self._table()[0]
+        position = np.searchsorted(table, keys)
+        found = position < len(table)
+        found[found] = table[position[found]] == keys[found]
+        return found, position
+
+    @property
+    def rows(self) -> int:
+        return len(self._table()[0])
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [s.name for s in self.shards]
+
+    def missing_rows(self, digests: Sequence[str]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows with no entry yet: (positions in `digests`, views, row keys), the first
+        of each duplicated digest only, image by image and view by view."""
+        if not len(digests):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, KEY_DTYPE)
+        hashes = records.digest_bytes(digests)
+        _, first = np.unique(np.ascontiguousarray(hashes).view("S32").reshape(-1),
+                             return_index=True)
+        first.sort()
+        positions = np.repeat(first, self.views)
+        views = np.tile(np.arange(self.views), len(first))
+        keys = records.make_keys(hashes[positions], views)
+        found, _ = self._find(keys)
+        return positions[~found], views[~found], keys[~found]
+
+    def missing(self, digests: Sequence[str]) -> list[tuple[str, int]]:
         """(digest, view) pairs with no row yet, digests deduplicated."""
-        return [(d, v) for d in dict.fromkeys(digests) for v in range(self.views)
-                if row_key(d, v) not in self.index]
+        positions, views, _ = self.missing_rows(digests)
+        return [(digests[p], int(v)) for p, v in zip(positions, views)]
 
-    def write_shard(self, rows: list[str], features: np.ndarray) -> None:
-        """Stores one shard of rows (atomically) and lists it in the manifest."""
-        name = f"shard-{hashlib.sha256(''.join(rows).encode()).hexdigest()[:16]}.npy"
+    def locate(self, digests: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index into `shards`, row in the shard), each [len(digests), views].
+
+        Raises:
+            KeyError: a row is not in the entry.
+        """
+        hashes = records.digest_bytes(digests)
+        keys = records.make_keys(np.repeat(hashes, self.views, axis=0),
+                                 np.tile(np.arange(self.views), len(digests)))
+        found, position = self._find(keys)
+        if not found.all():
+            raise KeyError(f"{(~found).sum()} rows are not in the cache entry {self.dir}")
+        _, shard, row = self._table()
+        shape = (len(digests), self.views)
+        return shard[position].reshape(shape), row[position].reshape(shape)
+
+    def write_shard(self, rows: Sequence[str] | np.ndarray, features: np.ndarray,
+                    bytes_left: int = 0) -> None:
+        """Stores one shard of rows and its record (each written whole, then renamed).
+
+        Args:
+            rows: row keys (records.make_keys) or their strings (`row_key`).
+            bytes_left: what the rest of the extraction will need (for a full disk's message).
+
+        Raises:
+            UserInputError: non-finite activations (never stored), or a full disk.
+        """
+        keys = rows if isinstance(rows, np.ndarray) else records.keys_of_strings(rows)
+        features = np.ascontiguousarray(features, self.dtype)
+        bad = ~np.isfinite(features.reshape(len(features), -1)).all(axis=1)
+        if bad.any():
+            raise UserInputError(
+                f"The stem produced non-finite activations (inf or NaN) for {bad.sum()} of "
+                f"{len(bad)} images{' in float16' if self.dtype == np.float16 else ''}; they "
+                f"are not cached. " + ("Values above 65504 overflow float16: pass "
+                                       "--cache-dtype float32." if self.dtype == np.float16
+                                       else "Check the backbone's weights."))
+        name = records.shard_name(keys)
+        path = self.dir / name
         self.dir.mkdir(parents=True, exist_ok=True)
-
-        def save(path: Path) -> None:
-            with open(path, "wb") as f:  # a file object: np.save would append .npy to a name
-                np.save(f, features)
-                f.flush()
-                os.fsync(f.fileno())
-
         try:
-            write_atomic(self.dir / name, save)
+            records.publish(path, _npy_writer(features))
+            stat = path.stat()
+            shard = ShardInfo(name, len(keys), stat.st_size, stat.st_mtime_ns,
+                              file_sha256(path), records.rows_sha256(keys))
+            records.write_record(self.dir, shard, keys, {
+                "key": self.key, "feature_shape": list(features.shape[1:]),
+                "dtype": self.dtype.name})
         except OSError as e:
             if is_disk_full(e):
+                needed = features.nbytes + bytes_left
                 raise disk_full(self.dir, "the feature cache", (
-                    "Finished shards are kept and a rerun resumes from them; free some space "
-                    "or pass --cache-dir on another disk ('tlapp cache list' shows what the "
-                    "cache holds, 'tlapp cache clear' frees it).")) from None
+                    f"About {needed / 2**30:,.2f} GiB more are needed for the rows left to "
+                    f"extract. Finished shards are kept and a rerun resumes from them; free "
+                    f"some space or pass --cache-dir on another disk ('tlapp cache list' "
+                    f"shows what the cache holds, 'tlapp cache clear' frees it).")) from None
             raise
-        stat = (self.dir / name).stat()
-        shard = {"file": name, "sha256": file_sha256(self.dir / name), "bytes": stat.st_size,
-                 "mtime_ns": stat.st_mtime_ns, "rows": rows}
-        with locked(self.dir):
-            manifest = read_manifest(self.dir) or {
-                "key": self.key, "feature_shape": list(features.shape[1:]),
-                "dtype": self.dtype.name, "created": time.time(), "shards": []}
-            manifest["shards"].append(shard)
-            manifest["last_used"] = time.time()
-            write_json(self.dir / "manifest.json", manifest)
-        self._load_index()
+        self.feature_shape = tuple(features.shape[1:])
+        self._add([shard], keys)
+
+    def drop_shards(self, names: list[str], reason: str) -> int:
+        """Removes damaged shards (their rows are extracted again); returns the rows lost."""
+        lost = 0
+        for name in names:
+            rows = self.shards[self._position[name]].rows if name in self._position else 0
+            lost += rows
+            log.warning("cache: shard %s of %s is damaged (%s); it was removed and its %d "
+                        "rows will be extracted again", name, self.dir.name, reason, rows)
+            (self.dir / name).unlink(missing_ok=True)
+            records.record_path(self.dir, name).unlink(missing_ok=True)
+        return lost
 
     def touch(self) -> None:
-        with locked(self.dir):
-            manifest = read_manifest(self.dir)
-            if manifest:
-                manifest["last_used"] = time.time()
-                write_json(self.dir / "manifest.json", manifest)
+        """Marks the entry used (the mtime of an empty file; nothing is rewritten)."""
+        if self.dir.is_dir():
+            index_lib.touch(self.dir)
 
 
-def list_entries(cache_dir: Path) -> list[dict]:
-    """One dict per entry: name, key fields, rows, bytes, last used."""
-    entries = []
-    for manifest_file in sorted(Path(cache_dir).glob("*/manifest.json")):
-        manifest = json.loads(manifest_file.read_text())
-        entries.append({"entry": manifest_file.parent.name, "key": manifest["key"],
-                        "rows": sum(len(s["rows"]) for s in manifest["shards"]),
-                        "bytes": sum(s["bytes"] for s in manifest["shards"]),
-                        "last_used": manifest.get("last_used", manifest.get("created", 0))})
-    return entries
+def _npy_writer(features: np.ndarray):
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, features)
+            f.flush()
+            os.fsync(f.fileno())
+    return write
 
 
-def verify_entry(entry: Path) -> list[tuple[str, str]]:
-    """(shard file, problem) for every damaged shard of an entry (full checksums)."""
-    manifest = read_manifest(entry) or {"shards": []}
-    return [(s["file"], p) for s in manifest["shards"] if (p := shard_problem(entry, s))]
-
-
-def clear_entries(cache_dir: Path, names: list[str] | None = None,
-                  older_than_days: float | None = None) -> list[str]:
-    """Deletes the named entries, or those unused for `older_than_days`, or all (neither)."""
-    removed = []
-    for entry in list_entries(cache_dir):
-        age_days = (time.time() - entry["last_used"]) / 86400
-        if (names is None or entry["entry"] in names) and \
-                (older_than_days is None or age_days > older_than_days):
-            shutil.rmtree(Path(cache_dir) / entry["entry"])
-            removed.append(entry["entry"])
-    return removed
+shard_problem = index_lib.shard_problem

@@ -1,59 +1,106 @@
-"""Streaming reads of cached rows for training: only the rows of the batch are in memory."""
+"""Streaming reads of cached rows for training: only the rows asked for are in memory.
+
+A call reads many rows at once (several batches: `read_rows`), sorted by shard and row and
+gathered shard by shard from memory maps, so the cost per row is a copy, not a Python call
+and a system call. Every row read is checked for non-finite values: the stem's rows are
+always finite (extraction refuses others), so such a row means the shard was changed after
+it was written, even if its mtime was restored.
+"""
 from __future__ import annotations
 
-import os
+import collections
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from tlapp.features.cache import FeatureCache, row_key
+from tlapp.features.cache import DamagedCacheError, FeatureCache
+from tlapp.progress import Progress
+
+READ_BYTES = 4 * 2**20  # rows per call: about this many bytes (at least one batch)
+MAX_READ_ROWS = 1024
+OPEN_SHARDS = 128  # memory maps kept open (each holds a file descriptor)
 
 
 class ShardReader:
-    """Reads single rows of .npy shards with pread: only the rows asked for are in memory."""
+    """Reads rows of .npy shards through memory maps, at most OPEN_SHARDS open at once.
 
-    def __init__(self, entry: Path, dtype: np.dtype):
+    Args:
+        names: shard file names; rows are addressed by (index into names, row).
+        on_damaged: called with the names of shards found damaged while reading, before
+            DamagedCacheError is raised.
+    """
+
+    def __init__(self, entry: Path, dtype: np.dtype, names: list[str], shape: tuple,
+                 on_damaged: Callable[[list[str], str], object] | None = None):
         self.entry = entry
         self.dtype = np.dtype(dtype)
-        self._open: dict[str, tuple[int, int, int]] = {}  # file -> (fd, data offset, row bytes)
+        self.names = names
+        self.shape = tuple(shape)
+        self.on_damaged = on_damaged
+        self._open: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._lock = threading.Lock()  # tf.data may read on several threads
         self.closed = False
         self.bytes_read = 0
+        self.damage: DamagedCacheError | None = None
 
-    def _shard(self, name: str) -> tuple[int, int, int]:
+    def _shard(self, index: int) -> np.ndarray:
         with self._lock:
             if self.closed:  # a prefetch thread of a finished dataset must not reopen files
                 raise ValueError(f"the reader of {self.entry} is closed")
-            if name not in self._open:
-                self._open[name] = self._open_shard(name)
-            return self._open[name]
+            if index in self._open:
+                self._open.move_to_end(index)
+                return self._open[index]
+            try:
+                rows = np.load(self.entry / self.names[index], mmap_mode="r",
+                               allow_pickle=False)
+            except (OSError, ValueError) as e:  # missing, or shorter than its header says
+                self._fail([self.names[index]], f"unreadable: {e}")
+            if rows.dtype != self.dtype or rows.shape[1:] != self.shape:
+                self._fail([self.names[index]], f"holds {rows.dtype} {rows.shape[1:]} rows, "
+                                                f"expected {self.dtype} {self.shape}")
+            self._open[index] = rows
+            if len(self._open) > OPEN_SHARDS:
+                self._open.popitem(last=False)  # the map and its descriptor go with it
+            return rows
 
-    def _open_shard(self, name: str) -> tuple[int, int, int]:
-        with open(self.entry / name, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-                else np.lib.format.read_array_header_2_0
-            shape, _, _ = read_header(f)
-            offset = f.tell()
-        row = int(np.prod(shape[1:])) * self.dtype.itemsize
-        return os.open(self.entry / name, os.O_RDONLY), offset, row
-
-    def rows(self, locations: list[tuple[str, int]], shape: tuple) -> np.ndarray:
-        out = np.empty((len(locations),) + tuple(shape), self.dtype)
-        for i, (name, row) in enumerate(locations):
-            fd, offset, size = self._shard(name)
-            out[i] = np.frombuffer(os.pread(fd, size, offset + row * size),
-                                   self.dtype).reshape(shape)
-            self.bytes_read += size
+    def read(self, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The rows at (shards[i], rows[i]), in the order asked."""
+        out = np.empty((len(shards),) + self.shape, self.dtype)
+        order = np.lexsort((rows, shards))
+        sorted_shards = shards[order]
+        starts = np.flatnonzero(np.r_[True, sorted_shards[1:] != sorted_shards[:-1]])
+        for start, end in zip(starts, np.r_[starts[1:], len(order)]):
+            chosen = order[start:end]
+            wanted = rows[chosen]
+            source = self._shard(int(sorted_shards[start]))
+            first, last = int(wanted[0]), int(wanted[-1])
+            if last - first + 1 == len(wanted):  # a run of consecutive rows: one slice
+                out[chosen] = source[first:last + 1]
+            else:
+                out[chosen] = source[wanted]
+        self.bytes_read += out.nbytes
+        finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        if not finite.all():
+            bad = sorted({self.names[i] for i in np.unique(shards[~finite])})
+            self._fail(bad, "non-finite values (inf or NaN) in rows read for training: the "
+                            "file was changed after it was written")
         return out
+
+    def _fail(self, names: list[str], reason: str):
+        if self.on_damaged is not None:
+            self.on_damaged(names, reason)
+        self.damage = DamagedCacheError(
+            f"The feature cache entry {self.entry} had damaged shard(s) {', '.join(names)} "
+            f"({reason}). They were removed; their rows are extracted again by the next run: "
+            f"run the same command again.")
+        raise self.damage
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            for fd, _, _ in self._open.values():
-                os.close(fd)
             self._open.clear()
 
 
@@ -61,30 +108,49 @@ class FeatureLoader:
     """A batch loader over cached rows for `datasets.shuffled_batches` / `ordered_batches`.
 
     `loader(indices, epoch)` reads only those rows, of view (offset(index) + epoch) mod views
-    while training and view 0 without an epoch. Close it (or use `with`) to release the
-    shard files.
+    while training and view 0 without an epoch. `read_rows` tells the datasets how many rows
+    a call should ask for. Close it (or use `with`) to release the shard files.
     """
 
     def __init__(self, cache: FeatureCache, digests: list[str], labels: np.ndarray,
                  num_classes: int):
-        self.locations = np.array([[cache.index[row_key(d, v)] for v in range(cache.views)]
-                                   for d in digests], dtype=object)
-        self.reader = ShardReader(cache.dir, cache.dtype)
+        self.shards, self.rows = cache.locate(digests) if len(digests) else (
+            np.zeros((0, cache.views), np.int32), np.zeros((0, cache.views), np.int32))
         self.shape, self.dtype, self.views = cache.feature_shape, cache.dtype, cache.views
+        self.reader = ShardReader(cache.dir, cache.dtype, cache.shard_names, self.shape,
+                                  cache.drop_shards)
+        row_bytes = max(1, int(np.prod(self.shape)) * self.dtype.itemsize)
+        self.read_rows = int(np.clip(READ_BYTES // row_bytes, 1, MAX_READ_ROWS))
         self.labels = tf.constant(labels)
         self.num_classes = num_classes
 
-    def _gather(self, idx, view):
-        return self.reader.rows([tuple(self.locations[i, v]) for i, v in zip(idx, view)],
-                                self.shape)
+    def gather(self, idx: np.ndarray, view: np.ndarray | None = None) -> np.ndarray:
+        """Rows of examples `idx` (view 0 unless given), as stored."""
+        view = np.zeros_like(idx) if view is None else view
+        return self.reader.read(self.shards[idx, view], self.rows[idx, view])
 
     def __call__(self, idx, epoch=None):
         view = tf.zeros_like(idx) if epoch is None or self.views == 1 else \
             (idx * 2654435761 % 4294967296 + tf.cast(epoch, tf.int64)) % self.views
-        rows = tf.numpy_function(self._gather, [idx, view], tf.as_dtype(self.dtype),
+        rows = tf.numpy_function(self.gather, [idx, view], tf.as_dtype(self.dtype),
                                  stateful=False)
         rows = tf.cast(tf.ensure_shape(rows, (None,) + self.shape), tf.float32)
         return rows, tf.one_hot(tf.gather(self.labels, idx), self.num_classes)
+
+    def check_rows(self) -> None:
+        """Reads every row of every view once, in storage order (the non-finite check).
+
+        Raises:
+            DamagedCacheError: a damaged shard (already removed from the entry).
+        """
+        shards, rows = self.shards.ravel(), self.rows.ravel()
+        order = np.lexsort((rows, shards))
+        step = self.read_rows * 8  # in storage order: mostly long runs, read as slices
+        progress = Progress(len(order), "row", "cache check")
+        for start in range(0, len(order), step):
+            chosen = order[start:start + step]
+            self.reader.read(shards[chosen], rows[chosen])
+            progress.update(start + len(chosen))
 
     def close(self) -> None:
         self.reader.close()

@@ -54,18 +54,19 @@ def resume_config(out: str | Path) -> Config:
     return config_lib.from_dict(config_lib.load_toml(config_file), str(config_file))
 
 
-def run(config: Config, resume: bool = False) -> Run:
+def run(config: Config, resume: bool = False, scans: dict | None = None) -> Run:
     """Runs the whole pipeline for one config and returns the finished run.
 
     With resume=True, continues the interrupted run in `.OUT.partial/` from its last
-    checkpoint (see `resume_config`).
+    checkpoint (see `resume_config`). `scans`: scans shared by several runs (an experiment
+    passes the same dict to each): the folder is scanned once per split setting.
     """
     spec = registry.get_spec(config.backbone, config.preprocess)
     out = Path(config.out or folder.default_out(spec.name)).expanduser()
     folder.check_out(out)
     with folder.run_lock(out):
         try:
-            return _run(config, spec, out, resume)
+            return _run(config, spec, out, resume, scans)
         except OSError as e:
             if is_disk_full(e):
                 raise disk_full(out.parent, "the run folder", (
@@ -75,11 +76,11 @@ def run(config: Config, resume: bool = False) -> Run:
             raise
 
 
-def _run(config: Config, spec, out: Path, resume: bool) -> Run:
+def _run(config: Config, spec, out: Path, resume: bool, scans: dict | None) -> Run:
     start = time.perf_counter()
     cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     temp = folder.prepare_out(out, resume)
-    scanned = scan_data(config, cache_dir)
+    scanned = scan_data(config, cache_dir, scans)
     timings = {"scan_s": time.perf_counter() - start}
     with precision_policy(config.mixed_precision), contextlib.ExitStack() as closing:
         plan = resolve_plan(config, spec, scanned, cache_dir, out)

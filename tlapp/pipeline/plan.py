@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 
 import keras
@@ -46,14 +47,16 @@ class Plan:
 class Splits:
     """Files, labels and content hashes of the train, val and test splits."""
 
-    paths: dict[str, list[Path]]
+    paths: dict[str, list[str]]
     labels: dict[str, np.ndarray]
     digests: dict[str, list[str]]
 
     @classmethod
     def of(cls, scanned: ScannedData) -> "Splits":
         samples = {name: scanned.split(name) for name in SPLITS}
-        return cls({name: [scanned.root / s.path for s in samples[name]] for name in SPLITS},
+        root = str(scanned.root)  # strings, not Path objects: a third of the memory
+        return cls({name: [os.path.join(root, s.path) for s in samples[name]]
+                    for name in SPLITS},
                    {name: np.array([s.label for s in samples[name]], np.int32)
                     for name in SPLITS},
                    {name: [s.sha256 for s in samples[name]] for name in SPLITS})
@@ -62,12 +65,21 @@ class Splits:
         return len(self.labels[name])
 
 
-def scan_data(config: Config, cache_dir: Path) -> ScannedData:
+def scan_data(config: Config, cache_dir: Path, scans: dict | None = None) -> ScannedData:
+    """The scanned data of `config`. `scans` (a dict kept by the caller, e.g. by an
+    experiment for its runs) is a memo: a scan of the same folder with the same split
+    fractions and pixel limit is reused, a new one is added."""
     if not config.data:
         raise UserInputError("No data given: pass an image folder (or tfds:NAME) as DATA.")
     root = resolve_data(config.data, cache_dir)
-    return scan_folder(root, config.val_fraction, config.test_fraction,
-                       max_pixels=config.max_pixels, cache_dir=cache_dir)
+    memo = (str(root.resolve()), config.val_fraction, config.test_fraction, config.max_pixels)
+    if scans is not None and memo in scans:
+        return scans[memo]
+    scanned = scan_folder(root, config.val_fraction, config.test_fraction,
+                          max_pixels=config.max_pixels, cache_dir=cache_dir)
+    if scans is not None:
+        scans[memo] = scanned
+    return scanned
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from tlapp.config import Config
 from tlapp.constants import SPLITS
 from tlapp.data import datasets
 from tlapp.data.scan import ScannedData
-from tlapp.features.cache import FeatureCache, cache_key
+from tlapp.features.cache import DamagedCacheError, FeatureCache, cache_key
 from tlapp.features.extract import extract_features
 from tlapp.features.loader import FeatureLoader
 from tlapp.inference.evaluate import classification_metrics
@@ -85,14 +85,30 @@ def cached_features(plan: Plan, models: head.Models, scanned: ScannedData, split
     key = cache_key(plan.spec.name, models.stem, plan.cut, models.pooled, plan.image_size,
                     plan.spec.preprocess, views=config.aug_views, dtype=config.cache_dtype,
                     augment=config.augment, augment_seed=config.seed)
-    cache = FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
-    files = {s.sha256: scanned.root / s.path for s in scanned.samples}
-    stats = extract_features(cache, models.stem, files, plan.image_size, config.batch_size,
-                             pca=pca) | {"entry": cache.dir.name}
-    loaders = {name: closing.enter_context(FeatureLoader(cache, splits.digests[name],
-                                                         splits.labels[name], plan.classes))
-               for name in SPLITS}
-    return loaders, stats
+    stats = None
+    for attempt in (1, 2):
+        cache = FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
+        found = extract_features(cache, models.stem, scanned, plan.image_size,
+                                 config.batch_size, pca=pca)
+        stats = found if stats is None else {  # the second time: the damaged rows only
+            "extracted": stats["extracted"] + found["extracted"],
+            "reused": stats["reused"] - found["extracted"],
+            "repaired": stats["repaired"] + found["repaired"] + found["extracted"]}
+        loaders = {name: FeatureLoader(cache, splits.digests[name], splits.labels[name],
+                                       plan.classes) for name in SPLITS}
+        try:  # every row this run reads, once, before training: a damaged one is redone
+            for loader in loaders.values():
+                loader.check_rows()
+            break
+        except DamagedCacheError:
+            for loader in loaders.values():
+                loader.close()
+            if attempt == 2:
+                raise
+            log.warning("cache: extracting the rows of the damaged shard(s) again")
+    for loader in loaders.values():
+        closing.enter_context(loader)
+    return loaders, stats | {"entry": cache.dir.name}
 
 
 def train_on_cache(plan: Plan, models: head.Models, splits: Splits, loaders: dict,
