@@ -221,14 +221,15 @@ def test_trainings_in_one_process_do_not_leak_file_descriptors(tmp_path):
 
 
 def test_feature_loader_closes_its_shards(trained_run):
-    from tlapp.features.cache import FeatureCache, read_manifest
+    from tlapp.data.scan import scan_folder
+    from tlapp.features.cache import FeatureCache
+    from tlapp.features.entries import list_entries
     from tlapp.features.loader import FeatureLoader
 
-    entry = next(p for p in (trained_run.path.parent / "cache").iterdir()
-                 if (p / "manifest.json").is_file())
-    manifest = read_manifest(entry)
-    cache = FeatureCache(trained_run.config.cache_dir, manifest["key"])
-    digests = [row for shard in manifest["shards"] for row in shard["rows"]]
+    (entry,) = list_entries(Path(trained_run.config.cache_dir))
+    cache = FeatureCache(trained_run.config.cache_dir, entry["key"])
+    digests = [s.sha256 for s in scan_folder(trained_run.config.data).samples]
+    assert not cache.missing(digests)
     before = open_descriptors()
     with FeatureLoader(cache, digests, np.zeros(len(digests), np.int32), 3) as loader:
         loader(np.arange(len(digests), dtype=np.int64))
