@@ -38,8 +38,9 @@ class Config:
     `trainable_blocks`, `cache_dir` from the environment, `out` from the time.
     """
 
-    data: str = setting("", "folder with one subfolder per class, or train/ val/ test/, or "
-                            "tfds:NAME", flag=False)
+    data: str = setting("", "folder with one subfolder per class, or train/ val/ test/, a "
+                            "CSV or JSON Lines list of images and labels, or tfds:NAME",
+                        flag=False)
     backbone: str = setting("resnet50", "backbone name (see 'tlapp backbones') or PATH.keras")
     weights: str = setting("imagenet", "imagenet, none (random init) or PATH to a weights file; "
                                        "for a .keras backbone, saved (its own weights; "
@@ -86,6 +87,22 @@ class Config:
                                   metavar="X")
     test_fraction: float = setting(0.1, "fraction of each class held out for test",
                                    metavar="X")
+    path_column: str = setting("path", "a CSV or JSON Lines DATA: the column of image paths "
+                                       "(relative to the list's folder, or absolute)",
+                               metavar="NAME")
+    label_column: str = setting("label", "a CSV or JSON Lines DATA: the column of labels",
+                                metavar="NAME")
+    label_from: str | None = setting(None, "take each image's label from the first capture "
+                                           "group of this regular expression on its path "
+                                           "relative to DATA, e.g. '([^/]+)_\\d+\\.jpg$'",
+                                     metavar="REGEX")
+    group_by: str | None = setting(None, "keep each group in one split; the group is the "
+                                         "first capture group of this regular expression "
+                                         "on the relative path, e.g. '^(.+?)_nohash_'",
+                                   metavar="REGEX")
+    multi_label: bool = setting(False, "several labels per image (a CSV cell 'a;b', a JSON "
+                                       "Lines list): sigmoid outputs, a decision threshold "
+                                       "per label tuned on val")
     cache_dir: str | None = setting(None, "feature cache folder (default $TLAPP_CACHE_DIR, "
                                           "else $XDG_CACHE_HOME/tlapp or ~/.cache/tlapp)",
                                     metavar="DIR")
@@ -232,6 +249,10 @@ def validate(config: Config) -> Config:
             "Give either cut or trainable_blocks, not both. "
             f"Received: cut={config.cut!r}, trainable_blocks={config.trainable_blocks}"
         )
+    if config.multi_label and config.class_weight != "none":
+        raise UserInputError(f"class_weight balances one label per image; with multi_label "
+                             f"every label is its own yes/no decision. Received: "
+                             f"class_weight={config.class_weight!r} with multi_label=True")
     if config.augment is not None:  # stored in canonical form, every value explicit
         config = dataclasses.replace(config, augment=str(parse_spec(config.augment)) or None)
     return config

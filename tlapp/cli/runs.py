@@ -18,7 +18,8 @@ def add_parsers(commands) -> None:
     evaluate.add_argument("run", nargs="?", metavar="RUN", help="run folder")
     evaluate.add_argument("--model", action="append", metavar="RUN",
                           help="run folder; repeat to evaluate an ensemble (averaged)")
-    evaluate.add_argument("--data", help="evaluate on every image of this folder instead")
+    evaluate.add_argument("--data", help="evaluate on every image of this folder (class "
+                                         "folders) or CSV / JSON Lines list instead")
     evaluate.add_argument("--tta", choices=TTA_MODES, default="none", help=TTA_HELP)
     evaluate.add_argument("--out", help="folder for the results (default: the run folder; "
                                         "for an ensemble models/ensemble-TIME)")
@@ -27,10 +28,13 @@ def add_parsers(commands) -> None:
 
     predict = commands.add_parser("predict", help="classify images with a trained run")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
-                         help="image files, folders or globs")
+                         help="image files, folders, globs, or CSV / JSON Lines lists "
+                              "(their 'path' column)")
     predict.add_argument("--model", action="append", required=True, metavar="RUN",
                          help="run folder (repeat to average several runs)")
-    predict.add_argument("--top-k", type=int, default=3, help="labels to show per image")
+    predict.add_argument("--top-k", type=int, default=3,
+                         help="labels to show per image (a multi-label run shows every label "
+                              "at or above its threshold)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--tta", choices=TTA_MODES, default="none", help=TTA_HELP)
     predict.add_argument("--batch-size", type=int, default=32, help="images per batch")
@@ -61,6 +65,17 @@ def cmd_evaluate(args) -> int:
     paths = ([args.run] if args.run else []) + (args.model or [])
     result = evaluate_run(paths, data=args.data, tta=args.tta, out=args.out,
                           batch_size=args.batch_size)
+    if "per_label" in result:  # a multi-label run
+        print(f"exact label sets {result['accuracy']:.4f}, decisions "
+              f"{result['label_accuracy']:.4f} on {result['count']} images (tta {args.tta}); "
+              f"micro F1 {result['micro_f1']:.4f}, macro F1 {result['macro_f1']:.4f}, mAP "
+              f"{_number(result['mAP'])}")
+        for name, row in result["per_label"].items():
+            print(f"  {name:20s} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+                  f"f1 {row['f1']:.3f}  AP {_number(row['average_precision'])}  threshold "
+                  f"{row['threshold']:.3f}  support {row['support']}")
+        print(f"wrote metrics.json and per_label.csv in {result['out']}")
+        return 0
     top5 = f", top-5 accuracy {result['top5_accuracy']:.4f}" if "top5_accuracy" in result else ""
     print(f"accuracy {result['accuracy']:.4f}{top5} on {result['count']} images "
           f"(tta {args.tta}, {len(paths)} model{'s' if len(paths) > 1 else ''}); "
@@ -71,6 +86,10 @@ def cmd_evaluate(args) -> int:
     print(f"wrote metrics.json, confusion_matrix.csv, misclassified.csv and "
           f"plots/confusion_matrix.png in {result['out']}")
     return 0
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def cmd_predict(args) -> int:
@@ -87,7 +106,7 @@ def cmd_predict(args) -> int:
             print(f"{result['path']}: error: {result['error']}", flush=True)
         else:
             best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in result["predictions"])
-            print(f"{result['path']}: {best}", flush=True)
+            print(f"{result['path']}: {best or '(no label above its threshold)'}", flush=True)
     if not readable:
         raise UserInputError("none of the inputs could be read as an image")
     return 0

@@ -28,7 +28,7 @@ def image_dataset(paths: list, image_size: int, batch_size: int,
 def image_loader(paths: list, labels: np.ndarray, image_size: int, num_classes: int,
                  transform: Callable | None = None) -> Callable:
     """A per-example loader for `shuffled_batches(parallel=True)` and `ordered_batches`:
-    `load(index, epoch=None)` -> (pixels, one-hot label). `transform(image, index, epoch)`
+    `load(index, epoch=None)` -> (pixels, target: one-hot, or multi-hot for labels [N, C]). `transform(image, index, epoch)`
     (e.g. augmentation) is applied while training, when an epoch is given."""
     paths = tf.constant([str(p) for p in paths])
     labels = tf.constant(labels)
@@ -37,9 +37,17 @@ def image_loader(paths: list, labels: np.ndarray, image_size: int, num_classes: 
         image = decode_image(tf.io.read_file(paths[i]), image_size)
         if transform is not None and epoch is not None:
             image = transform(image, i, epoch)
-        return image, tf.one_hot(labels[i], num_classes)
+        return image, targets(labels, i, num_classes)
 
     return load
+
+
+def targets(labels: tf.Tensor, index, num_classes: int) -> tf.Tensor:
+    """The training targets of examples `index`: one-hot of class indices, or the rows of
+    multi-hot labels ([N, classes], multi-label) as they are."""
+    if len(labels.shape) == 2:
+        return tf.gather(labels, index)
+    return tf.one_hot(tf.gather(labels, index), num_classes)
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch: int, epochs: int,

@@ -18,7 +18,7 @@ import unicodedata
 from pathlib import Path
 
 from tlapp.constants import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SPLITS
-from tlapp.data import checking
+from tlapp.data import checking, sources
 from tlapp.data.splits import (MIN_CLASS_IMAGES, assign_splits, hash_fraction,  # noqa: F401
                                split_samples, split_warnings)
 from tlapp.errors import UserInputError
@@ -42,6 +42,7 @@ class Sample:
     label: int
     split: str
     sha256: str  # content hash: the feature cache's row key and the split key
+    labels: tuple[int, ...] = ()  # multi-label: all its labels (`label` is one)
 
 
 @dataclasses.dataclass
@@ -57,6 +58,9 @@ class ScannedData:
     warnings: list[str] = dataclasses.field(default_factory=list)
     checked: int = 0  # contents decode-checked by this scan (the rest were known)
     options: dict = dataclasses.field(default_factory=dict)  # the scan's settings
+    groups: dict | None = None  # with groups: how many groups each split holds
+    source: str = "folders"  # "folders", "list" (CSV, JSON Lines) or "names" (--label-from)
+    multi_label: bool = False  # samples carry every label in `labels`
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -64,20 +68,28 @@ class ScannedData:
     def counts(self) -> dict:
         """found = used + skipped + ignored: every file under the data folder."""
         splits = collections.Counter(s.split for s in self.samples)
-        labels = collections.Counter(s.label for s in self.samples)
+        labels = collections.Counter(label for s in self.samples
+                                     for label in (s.labels or (s.label,)))
         reasons = collections.Counter(item["reason"] for item in self.skipped)
         return {"found": len(self.samples) + len(self.skipped) + len(self.ignored),
                 "used": len(self.samples), "skipped": len(self.skipped),
                 "ignored": len(self.ignored)} | {name: splits[name] for name in SPLITS} | {
             "duplicates": self.duplicates,
             "skipped_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "per_class": {name: labels[i] for i, name in enumerate(self.classes)}}
+            "per_class": {name: labels[i] for i, name in enumerate(self.classes)}} | (
+            {"groups": self.groups} if self.groups is not None else {})
 
     def split_json(self) -> dict:
+        """Paths per split (and, unless the labels are the class folders, their labels:
+        `labels` holds one list per split aligned with its paths), skipped and ignored."""
         by_split = {name: [] for name in SPLITS}
+        labels = {name: [] for name in SPLITS}
         for s in self.samples:
             by_split[s.split].append(s.path)
-        return by_split | {"skipped": self.skipped, "ignored": self.ignored}
+            labels[s.split].append([self.classes[i] for i in s.labels] if self.multi_label
+                                   else self.classes[s.label])
+        return by_split | ({"labels": labels} if self.source != "folders" else {}) | {
+            "skipped": self.skipped, "ignored": self.ignored}
 
 
 def _is_ignored(name: str) -> bool:
@@ -127,6 +139,22 @@ class _Candidates:
     paths: list = dataclasses.field(default_factory=list)  # relative, forward slashes
     labels: array.array = dataclasses.field(default_factory=lambda: array.array("i"))
     given: list = dataclasses.field(default_factory=list)  # the split folder, or None
+    groups: list | None = None  # the group of each (None: its own), when grouping
+    lines: array.array | None = None  # a list file's line of each
+    multi: list | None = None  # multi-label: the labels of each (a tuple)
+
+    def add(self, path: str, label: int | tuple, given: str | None = None,
+            group: str | None = None, line: int | None = None) -> None:
+        self.paths.append(path)
+        if self.multi is not None:
+            self.multi.append(label)
+            label = label[0]
+        self.labels.append(label)
+        self.given.append(given)
+        if self.groups is not None:
+            self.groups.append(group)
+        if self.lines is not None:
+            self.lines.append(line)
 
 
 def _find_candidates(root: Path, split_roots: dict[str, Path], classes: list[str]
@@ -155,9 +183,7 @@ def _find_candidates(root: Path, split_roots: dict[str, Path], classes: list[str
             if in_class and not _is_ignored(name) and \
                     os.path.splitext(name)[1].lower() in CANDIDATE_EXTENSIONS:
                 label = label_of[where[0]]
-                candidates.paths.append(relative)
-                candidates.labels.append(label)
-                candidates.given.append(given)
+                candidates.add(relative, label, given)
                 found[given, label] += 1
             else:
                 ignored.append(relative)
@@ -176,26 +202,112 @@ def _find_candidates(root: Path, split_roots: dict[str, Path], classes: list[str
 
 def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1,
                 max_pixels: int = DEFAULT_MAX_PIXELS,
-                cache_dir: str | os.PathLike | None = None) -> ScannedData:
-    """Finds, validates and splits the images of a class-per-subfolder tree.
+                cache_dir: str | os.PathLike | None = None, label_from: str | None = None,
+                group_by: str | None = None, path_column: str = "path",
+                label_column: str = "label", multi_label: bool = False) -> ScannedData:
+    """Finds, validates and splits the images of a class-per-subfolder tree, of a list file,
+    or of a folder whose file names hold the labels.
 
     `root` holds one folder per class, or `train/` (and optionally `val/`, `test/`)
     each laid out so; a split that is not given is carved out of train by content hash,
     so identical files always share a split. Images in nested folders belong to their
     top-level class folder. Check results are kept under `cache_dir` when given.
 
+    `root` may instead be a CSV or JSON Lines file (sources.py: columns `path_column`,
+    `label_column`, optionally `split` and `group`; paths relative to the file's folder),
+    or, with `label_from` (a regular expression), a folder of images whose label is the
+    first capture group of their relative path. `group_by` (a regular expression on the
+    relative path) or a list's `group` column keeps each group in one split, chosen by a
+    hash of the group's name. `multi_label`: a list file's rows may carry several labels
+    (separated by ';' in a CSV cell, a list in JSON Lines); each sample keeps them all.
+
     Raises:
         UserInputError: missing folder, fewer than 2 classes, a class with no usable image,
-            or a class folder whose name holds a control character.
+            a class folder whose name holds a control character, or a malformed list file.
     """
     root = Path(root).expanduser()
-    if root.is_file():
-        raise UserInputError(f"{root} is a file, but DATA must be a folder with one subfolder "
-                             f"of images per class (or train/, val/, test/ folders laid out "
-                             f"so), or tfds:NAME.")
-    if not root.is_dir():
-        raise UserInputError(f"Data folder not found: {root}. Give a folder with one "
-                             f"subfolder of images per class, or tfds:NAME.")
+    label_pattern = sources.compile_pattern(label_from, "--label-from")
+    group_pattern = sources.compile_pattern(group_by, "--group-by")
+    pre_skipped: list[dict] = []
+    if sources.is_list_file(root):
+        if label_pattern:
+            raise UserInputError(f"--label-from takes labels from file names in a folder; "
+                                 f"{root} gives its labels in a column (--label-column).")
+        source, listing = "list", root
+        root = root.parent
+        classes, candidates, pre_skipped = _list_candidates(listing, path_column, label_column,
+                                                            multi_label)
+        ignored: list[str] = []
+    else:
+        if multi_label:
+            raise UserInputError(f"--multi-label needs a CSV or JSON Lines DATA that lists "
+                                 f"each image's labels (separated by ';' in a CSV). "
+                                 f"Received: {root}")
+        if root.is_file():
+            raise UserInputError(
+                f"{root} is a file, but DATA must be a folder with one subfolder of images "
+                f"per class (or train/, val/, test/ folders laid out so), a "
+                f"{' or '.join(sources.LIST_SUFFIXES)} list of images and labels, or "
+                f"tfds:NAME.")
+        if not root.is_dir():
+            raise UserInputError(f"Data folder not found: {root}. Give a folder with one "
+                                 f"subfolder of images per class, a CSV or JSON Lines list, "
+                                 f"or tfds:NAME.")
+        if label_pattern:
+            source = "names"
+            classes, candidates, ignored, pre_skipped = _named_candidates(root, label_pattern)
+        else:
+            source = "folders"
+            classes, candidates, ignored = _folder_candidates(root)
+    split_roots = {"": root} if source != "folders" or not (root / "train").is_dir() else \
+        {name: root / name for name in SPLITS if (root / name).is_dir()}
+    if group_pattern:
+        if candidates.groups is not None and any(g is not None for g in candidates.groups):
+            raise UserInputError(f"Give groups one way: {root} has a group column, and "
+                                 f"--group-by was given too.")
+        candidates.groups = [sources.match(group_pattern, path) for path in candidates.paths]
+
+    log.info("scan: %s images in %d classes under %s; checking they decode",
+             f"{len(candidates.paths):,}", len(classes), root)
+    checks = checking.check_files(str(root), candidates.paths, max_pixels, cache_dir)
+    skipped = pre_skipped + [
+        {"path": candidates.paths[i], "reason": reason, "detail": detail} |
+        ({"line": candidates.lines[i]} if candidates.lines is not None else {})
+        for i, (reason, detail) in sorted(checks.problems.items())]
+    usable = [i for i, digest in enumerate(checks.digests)
+              if digest is not None and i not in checks.problems]
+    _require_each_class(usable, candidates, checks, classes)
+    given = set(split_roots) | set(candidates.given)  # a split given anywhere is not carved
+    carve = {name: 0.0 if name in given else f
+             for name, f in (("val", val_fraction), ("test", test_fraction))}
+    groups = None
+    if candidates.groups is not None:  # a file with no group is its own group
+        groups = [candidates.groups[i] if candidates.groups[i] is not None
+                  else "\0" + checks.digests[i] for i in usable]
+        candidates.groups = None
+    splits, report = split_samples([checks.digests[i] for i in usable],
+                                   [candidates.labels[i] for i in usable],
+                                   [candidates.given[i] for i in usable], len(classes), carve,
+                                   groups)
+    multi = candidates.multi
+    if multi is not None:  # every label of an image counts for it
+        report["per_class"] = collections.Counter(label for i in usable for label in multi[i])
+    samples = [Sample(candidates.paths[i], candidates.labels[i], split, checks.digests[i],
+                      multi[i] if multi is not None else ())
+               for i, split in zip(usable, splits)]
+    data = ScannedData(root, classes, samples, skipped, ignored, report["duplicates"],
+                       split_warnings(report, classes), checks.checked, {
+                           "val_fraction": val_fraction, "test_fraction": test_fraction,
+                           "max_pixels": max_pixels} | (
+                           {"label_from": label_from} if label_from else {}) | (
+                           {"group_by": group_by} if group_by else {}),
+                       report.get("groups"), source, multi_label)
+    report_scan(data)
+    return data
+
+
+def _folder_candidates(root: Path) -> tuple[list[str], _Candidates, list[str]]:
+    """The classes and candidate images of a class-per-folder tree (or train/ val/ test/)."""
     presplit = (root / "train").is_dir()
     split_roots = {name: root / name for name in SPLITS if (root / name).is_dir()} \
         if presplit else {"": root}
@@ -204,40 +316,114 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
         raise UserInputError(
             f"{split_roots.get('train', root)} has {len(classes)} class folder(s) "
             f"({', '.join(classes) or 'none'}); tlapp needs at least 2: put each class's "
-            f"images in its own subfolder.")
+            f"images in its own subfolder, or give a CSV list or --label-from.")
     log.info("scan: listing the files under %s", root)
     candidates, ignored = _find_candidates(root, split_roots, classes)
+    return classes, candidates, ignored
 
-    log.info("scan: %s images in %d classes under %s; checking they decode",
-             f"{len(candidates.paths):,}", len(classes), root)
-    checks = checking.check_files(str(root), candidates.paths, max_pixels, cache_dir)
-    skipped = [{"path": candidates.paths[i], "reason": reason, "detail": detail}
-               for i, (reason, detail) in sorted(checks.problems.items())]
-    usable = [i for i, digest in enumerate(checks.digests)
-              if digest is not None and i not in checks.problems]
-    _require_each_class(usable, candidates, checks, classes)
-    carve = {name: 0.0 if name in split_roots else f
-             for name, f in (("val", val_fraction), ("test", test_fraction))}
-    splits, report = split_samples([checks.digests[i] for i in usable],
-                                   [candidates.labels[i] for i in usable],
-                                   [candidates.given[i] for i in usable], len(classes), carve)
-    samples = [Sample(candidates.paths[i], candidates.labels[i], split, checks.digests[i])
-               for i, split in zip(usable, splits)]
-    data = ScannedData(root, classes, samples, skipped, ignored, report["duplicates"],
-                       split_warnings(report, classes), checks.checked, {
-                           "val_fraction": val_fraction, "test_fraction": test_fraction,
-                           "max_pixels": max_pixels})
-    report_scan(data)
-    return data
+
+def _check_classes(classes: list[str], where: str) -> None:
+    if len(classes) < 2:
+        raise UserInputError(f"{where} gives {len(classes)} label(s) "
+                             f"({', '.join(map(repr, classes)) or 'none'}); tlapp needs at "
+                             f"least 2.")
+    for name in classes:
+        bad = [ch for ch in name if unicodedata.category(ch) in LINE_BREAKING]
+        if bad or "/" in name:
+            raise UserInputError(f"The label {name!r} (in {where}) contains a control, "
+                                 f"line-break or '/' character, which would break labels.txt. "
+                                 f"Change the label.")
+
+
+def _named_candidates(root: Path, pattern) -> tuple[list[str], _Candidates, list[str],
+                                                    list[dict]]:
+    """Every image under `root`, labelled by `pattern`'s first group on its relative path;
+    an image it does not match is skipped with reason "no label"."""
+    log.info("scan: listing the files under %s", root)
+    candidates, ignored, skipped, first_seen = _Candidates(), [], [], {}
+    for directory, names in _walk(str(root)):
+        prefix = directory + "/" if directory else ""
+        hidden = any(_is_ignored(part) for part in directory.split("/") if part)
+        for name in names:
+            relative = prefix + name
+            if hidden or _is_ignored(name) or \
+                    os.path.splitext(name)[1].lower() not in CANDIDATE_EXTENSIONS:
+                ignored.append(relative)
+            elif (label := sources.match(pattern, relative)) is None:
+                skipped.append({"path": relative, "reason": "no label", "detail":
+                                f"--label-from {pattern.pattern!r} does not match the path"})
+            else:
+                candidates.add(relative, first_seen.setdefault(label, len(first_seen)))
+    classes = _sorted_labels(candidates, first_seen, f"--label-from {pattern.pattern!r} on "
+                                                     f"{root}")
+    return classes, candidates, ignored, skipped
+
+
+def _sorted_labels(candidates: _Candidates, first_seen: dict[str, int], where: str
+                   ) -> list[str]:
+    """The class names, sorted; candidates' labels (numbered in order of appearance)
+    renumbered to match."""
+    classes = sorted(first_seen)
+    _check_classes(classes, where)
+    index = {name: i for i, name in enumerate(classes)}
+    order = [index[name] for name in first_seen]  # first_seen keeps insertion order
+    candidates.labels = array.array("i", (order[label] for label in candidates.labels))
+    if candidates.multi is not None:
+        candidates.multi = [tuple(sorted(order[label] for label in labels))
+                            for labels in candidates.multi]
+    return classes
+
+
+def _list_candidates(listing: Path, path_column: str, label_column: str,
+                     multi_label: bool = False) -> tuple[list[str], _Candidates, list[dict]]:
+    """The images a list file names. A row with no label, with several labels, or naming a
+    file an earlier row named is skipped (listed with its line)."""
+    candidates = _Candidates(groups=[], lines=array.array("q"),
+                             multi=[] if multi_label else None)
+    skipped, first_line, first_seen = [], {}, {}
+    for row in sources.read_list(listing, path_column, label_column):
+        where = {"path": row.path, "line": row.line}
+        if not row.path:
+            skipped.append(where | {"reason": "no path", "detail": f"the {path_column} "
+                                                                   f"column is empty"})
+        elif not row.labels:
+            skipped.append(where | {"reason": "no label", "detail": f"the {label_column} "
+                                                                    f"column is empty"})
+        elif len(row.labels) > 1 and not multi_label:
+            skipped.append(where | {"reason": "several labels", "detail": (
+                f"{', '.join(row.labels)}: pass --multi-label to train on several "
+                f"labels per image")})
+        elif (key := os.path.normpath(row.path)) in first_line:
+            skipped.append(where | {"reason": "duplicate row",
+                                    "detail": f"line {first_line[key]} names the same file"})
+        else:
+            first_line[key] = row.line
+            numbers = tuple(dict.fromkeys(first_seen.setdefault(label, len(first_seen))
+                                          for label in row.labels))
+            candidates.add(row.path.replace(os.sep, "/"),
+                           numbers if multi_label else numbers[0], row.split, row.group,
+                           row.line)
+    del first_line
+    if not any(candidates.groups):
+        candidates.groups = None
+    classes = _sorted_labels(candidates, first_seen, str(listing))
+    log.info("scan: %s lists %s images (%d rows skipped)", listing,
+             f"{len(candidates.paths):,}", len(skipped))
+    return classes, candidates, skipped
 
 
 def _require_each_class(usable: list[int], candidates: _Candidates, checks, classes) -> None:
-    per_class = collections.Counter(candidates.labels[i] for i in usable)
+    multi = candidates.multi
+
+    def labels_of(i: int) -> tuple:
+        return multi[i] if multi is not None else (candidates.labels[i],)
+
+    per_class = collections.Counter(label for i in usable for label in labels_of(i))
     for label, name in enumerate(classes):
         if not per_class[label]:
             mine = [f"{candidates.paths[i]} ({checks.problems[i][0]})"
                     for i in range(len(candidates.paths))
-                    if candidates.labels[i] == label and i in checks.problems][:3]
+                    if label in labels_of(i) and i in checks.problems][:3]
             raise UserInputError(f"Class '{name}' has no image that decodes: "
                                  f"{', '.join(mine)}. Fix or remove the folder.")
 
@@ -273,7 +459,8 @@ def report_scan(data: ScannedData) -> None:
 
 
 def expand_inputs(items: list[str]) -> list[str]:
-    """Files as given, folders as the images under them, globs as their matches, in order.
+    """Files as given, folders as the images under them, globs as their matches, list
+    files (CSV, JSON Lines with a `path` column) as the images they name, in order.
 
     An item that yields nothing (a missing file, a glob that matches nothing, a folder with
     no images) is kept as it is, so the caller reports it rather than dropping it silently.
@@ -281,7 +468,10 @@ def expand_inputs(items: list[str]) -> list[str]:
     paths = []
     for item in items:
         path = Path(item).expanduser()
-        if path.is_dir():
+        if sources.is_list_file(path):  # a CSV or JSON Lines list: the images it names
+            found = [os.path.join(path.parent, row.path) for row in
+                     sources.read_list(path, labels=False) if row.path]
+        elif path.is_dir():
             found = [str(f) for f in _list_files(path) if not _is_ignored(f.name)
                      and f.suffix.lower() in IMAGE_EXTENSIONS]
         elif not path.exists() and glob.has_magic(item):
@@ -290,6 +480,11 @@ def expand_inputs(items: list[str]) -> list[str]:
             found = []
         paths += found or [str(path)]
     return paths
+
+
+def data_root(data: Path) -> Path:
+    """The folder image paths of DATA are relative to: a list file's folder, else DATA."""
+    return data.parent if sources.is_list_file(data) else data
 
 
 def resolve_data(data: str, cache_dir: Path) -> Path:

@@ -61,17 +61,24 @@ def class_splits(keys: Sequence[str], val_fraction: float, test_fraction: float)
 
 
 def split_samples(digests: Sequence[str], labels: Sequence[int], given: Sequence[str | None],
-                  classes: int, carve: dict[str, float]) -> tuple[list[str], dict]:
+                  classes: int, carve: dict[str, float],
+                  groups: Sequence[str] | None = None) -> tuple[list[str], dict]:
     """The split of each sample, and what the scan reports about duplicates.
 
     Args:
         digests, labels, given: per sample, its content hash, class and given split folder
             (None without one; "train", "val", "test" in a presplit layout).
         carve: the val and test fractions to carve out of train (0 for a given split).
+        groups: per sample, its group: then every sample of a group gets the split a hash
+            of the group's name chooses (`group_splits`), whatever its class.
 
     Returns:
-        (splits aligned with the samples, {"duplicates", "conflicts", "leaks", "per_class"}).
+        (splits aligned with the samples, {"duplicates", "conflicts", "leaks", "per_class"},
+        and with groups "groups" (groups per split) and "thin" (classes whose groups miss
+        a split)).
     """
+    if groups is not None:
+        return group_splits(digests, labels, given, classes, carve, groups)
     seen, repeated = set(), set()
     for digest in digests:
         (repeated if digest in seen else seen).add(digest)
@@ -99,15 +106,62 @@ def split_samples(digests: Sequence[str], labels: Sequence[int], given: Sequence
         "per_class": collections.Counter(labels)}
 
 
+def group_splits(digests: Sequence[str], labels: Sequence[int], given: Sequence[str | None],
+                 classes: int, carve: dict[str, float], groups: Sequence[str]
+                 ) -> tuple[list[str], dict]:
+    """`split_samples` with groups: a group's split depends on its name only (stable as
+    images are added), so no group straddles two splits. No split is filled for a class
+    whose groups all fell elsewhere (that would split a group): it is reported instead."""
+    names: dict[str, str] = {}
+    splits = []
+    for group, where in zip(groups, given):
+        if where not in (None, "train"):
+            splits.append(where)
+            continue
+        if (name := names.get(group)) is None:
+            u = hash_fraction("group\0" + group)
+            name = names[group] = "test" if u < carve["test"] else \
+                "val" if u < carve["test"] + carve["val"] else "train"
+        splits.append(name)
+    del names
+    per_split = {name: set() for name in ("train", "val", "test")}
+    reached = [set() for _ in range(classes)]
+    first: dict[str, tuple[int, str]] = {}
+    duplicates = conflicts = leaks = 0
+    for digest, label, group, split in zip(digests, labels, groups, splits):
+        per_split[split].add(group)
+        reached[label].add(split)
+        if digest in first:
+            duplicates += 1
+            conflicts += first[digest][0] != label
+            leaks += first[digest][1] != split
+        else:
+            first[digest] = (label, split)
+    wanted = _wanted(carve["val"], carve["test"])
+    return splits, {
+        "duplicates": duplicates, "conflicts": conflicts, "leaks": leaks,
+        "per_class": collections.Counter(labels),
+        "groups": {name: len(members) for name, members in per_split.items()},
+        "thin": {label: sorted(set(wanted) - splits_of, key=wanted.index)
+                 for label, splits_of in enumerate(reached) if set(wanted) - splits_of}}
+
+
 def split_warnings(report: dict, classes: list[str]) -> list[str]:
     """The scan's warnings about label conflicts, overlapping given splits, small classes."""
     warnings = []
     if report["conflicts"]:
         warnings.append(f"{report['conflicts']} image(s) appear with identical content in more "
                         f"than one class folder: their labels conflict")
-    if report["leaks"]:
+    if report["leaks"] and "groups" in report:
+        warnings.append(f"{report['leaks']} image(s) have identical content in groups that "
+                        f"landed in different splits: the same picture is in two splits")
+    elif report["leaks"]:
         warnings.append(f"{report['leaks']} image(s) appear in more than one of the given "
                         f"train/, val/ and test/ folders: the splits overlap (kept as given)")
+    for label, missing in report.get("thin", {}).items():
+        warnings.append(f"class '{classes[label]}' has too few groups to reach "
+                        f"{' and '.join(missing)}: every group of it fell in another split "
+                        f"(groups are never divided); add groups or raise the fractions")
     for label, name in enumerate(classes):
         count = report["per_class"][label]
         if count < MIN_CLASS_IMAGES:

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from tlapp.data.datasets import targets
 from tlapp.features.cache import DamagedCacheError, FeatureCache
 from tlapp.progress import Progress
 
@@ -135,7 +136,7 @@ class FeatureLoader:
         rows = tf.numpy_function(self.gather, [idx, view], tf.as_dtype(self.dtype),
                                  stateful=False)
         rows = tf.cast(tf.ensure_shape(rows, (None,) + self.shape), tf.float32)
-        return rows, tf.one_hot(tf.gather(self.labels, idx), self.num_classes)
+        return rows, targets(self.labels, idx, self.num_classes)
 
     def check_rows(self) -> None:
         """Reads every row of every view once, in storage order (the non-finite check).

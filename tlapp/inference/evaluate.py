@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tlapp.data.scan import resolve_data, scan_folder
+from tlapp.data.scan import data_root, resolve_data, scan_folder
 from tlapp.errors import UserInputError
 from tlapp.files import MARKER, owned_kind, write_atomic, write_json, write_text
-from tlapp.inference import predict as predict_lib
+from tlapp.inference import multilabel, predict as predict_lib
 from tlapp.inference.runs import Run, as_runs, check_batch_size, ensemble_members
 from tlapp.reporting.plots import plot_confusion
 
@@ -177,7 +177,7 @@ def read_split(run: Run) -> dict:
 def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
                  tta: str = "none", out: str | Path | None = None) -> dict:
     """Evaluates the whole model (pixels in) on the run's test split, or on every image of
-    `data` (a folder with the run's class folders).
+    `data` (a folder with the run's class folders, or a list file as in training).
 
     Args:
         run: a Run or run folder, or several (an ensemble: probabilities are averaged).
@@ -185,10 +185,11 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
         out: folder for the results (default: the run folder; for an ensemble
             models/ensemble-TIME). metrics.json there gets them under "evaluate";
             confusion_matrix.csv, misclassified.csv and plots/confusion_matrix.png are
-            rewritten.
+            rewritten (per_label.csv for a multi-label run).
 
     Returns:
-        The metrics (see `classification_metrics`) plus data, tta, models, out.
+        The metrics (see `classification_metrics`, or `multilabel.multilabel_metrics` at
+        the run's thresholds) plus data, tta, models, out.
     """
     runs = as_runs(run)
     check_batch_size(batch_size)
@@ -199,30 +200,44 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
     first = runs[0]
     if data is None:
         _check_same_test_split(runs)
-        root = resolve_data(first.config.data, Path(first.config.cache_dir))
-        files = read_split(first)["test"]
+        root = data_root(resolve_data(first.config.data, Path(first.config.cache_dir)))
+        split = read_split(first)
+        files = split["test"]
         paths = [root / p for p in files]
-        class_part = 1 if (root / "train").is_dir() else 0  # train/CLASS/... or CLASS/...
-        names = [p.split("/")[class_part] for p in files]
-        strange = sorted(set(names) - set(first.labels))
-        if strange:
+        if "labels" in split:  # a list file or --label-from: the labels are recorded
+            names = split["labels"]["test"]
+        else:
+            class_part = 1 if (root / "train").is_dir() else 0  # train/CLASS/... or CLASS/...
+            names = [p.split("/")[class_part] for p in files]
+        sets = [n if isinstance(n, list) else [n] for n in names]  # multi-label: lists
+        strange = sorted({n for names_ in sets for n in names_} - set(first.labels))
+        if strange or len(names) != len(files):
             raise UserInputError(f"{first.path / 'split.json'} lists test images of classes the "
                                  f"run does not have ({', '.join(strange[:5])}): the run folder "
                                  f"is inconsistent. Pass --data DIR to evaluate on a folder.")
-        labels = [first.labels.index(name) for name in names]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserInputError(f"{len(missing)} test images of this run are gone "
                                  f"(first: {missing[0]}); pass --data DIR to evaluate elsewhere.")
     else:
-        scanned = scan_folder(data, 0.0, 0.0)
+        scanned = scan_folder(data, 0.0, 0.0, label_from=first.config.label_from,
+                              path_column=first.config.path_column,
+                              label_column=first.config.label_column,
+                              multi_label=first.config.multi_label)
         unknown = sorted(set(scanned.classes) - set(first.labels))
         if unknown:
             raise UserInputError(f"{data} has classes the run does not know: "
                                  f"{', '.join(unknown)}. Known: {', '.join(first.labels)}.")
         files = [s.path for s in scanned.samples]
         paths = [scanned.root / p for p in files]
-        labels = [first.labels.index(scanned.classes[s.label]) for s in scanned.samples]
+        sets = [[scanned.classes[i] for i in (s.labels or (s.label,))] for s in scanned.samples]
+    index = {name: i for i, name in enumerate(first.labels)}
+    if first.config.multi_label:
+        labels = np.zeros((len(sets), len(first.labels)), np.float32)
+        for row, names_ in enumerate(sets):
+            labels[row, [index[n] for n in names_]] = 1.0
+    else:
+        labels = np.array([index[names_[0]] for names_ in sets])
     if not paths:
         raise UserInputError("No images to evaluate on.")
     rows, errors = [], []
@@ -234,13 +249,20 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
         raise UserInputError(f"{len(errors)} images could not be read (first: {errors[0]}). "
                              f"Fix or remove them, or pass --data DIR.")
     probabilities = np.stack(rows)
-    result = classification_metrics(np.array(labels), probabilities, first.labels)
+    thresholds = first.thresholds
+    if thresholds is not None:
+        result = multilabel.multilabel_metrics(labels, probabilities, first.labels, thresholds)
+    else:
+        result = classification_metrics(labels, probabilities, first.labels)
     if not any(out.resolve() == r.path.resolve() for r in runs):
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / MARKER, json.dumps({"kind": "evaluation"}) + "\n")
     result |= {"data": str(data) if data else "test split", "tta": tta,
                "models": [str(r.path) for r in runs], "out": str(out)}
-    write_reports(out, result, files, np.array(labels), probabilities, first.labels)
+    if thresholds is not None:
+        multilabel.write_label_report(out, result)
+    else:
+        write_reports(out, result, files, labels, probabilities, first.labels)
     update_metrics(out, "evaluate", result)
     return result
 

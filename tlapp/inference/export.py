@@ -12,16 +12,19 @@ from tlapp.data.decoding import decode_image
 from tlapp.errors import UserInputError
 from tlapp.files import check_folder_target, disk_full, is_disk_full, write_folder
 from tlapp.inference import predict as predict_lib
+from tlapp.inference.runs import check_multi_label
 
 FORMATS = ("saved_model", "tflite")
 QUANTIZE_MODES = ("none", "dynamic", "float16")
 
 
 def export_saved_model(model: keras.Model, labels: list[str], out_dir: str | Path,
-                       tta: str = "none", overwrite: bool = False) -> Path:
+                       tta: str = "none", overwrite: bool = False,
+                       thresholds: list[float] | None = None) -> Path:
     """Writes a SavedModel of one model (RGB pixels at its input size in); see `export_members`."""
     member = predict_lib.Member(model, int(model.input.shape[1]))
-    return export_members([member], labels, out_dir, tta=tta, overwrite=overwrite)
+    return export_members([member], labels, out_dir, tta=tta, overwrite=overwrite,
+                          thresholds=thresholds)
 
 
 def is_old_saved_model_export(folder: Path) -> bool:
@@ -36,14 +39,17 @@ def is_old_tflite_export(folder: Path) -> bool:
 
 
 def export_members(members: list[predict_lib.Member], labels: list[str], out_dir: str | Path,
-                   tta: str = "none", overwrite: bool = False) -> Path:
+                   tta: str = "none", overwrite: bool = False,
+                   thresholds: list[float] | None = None) -> Path:
     """Writes a SavedModel that averages the probabilities of `members` (and TTA views).
 
     `serving_default` takes `images`, a string tensor of encoded files (JPEG, PNG, GIF,
     BMP, WebP), decodes and resizes them exactly as training did (each member at its own
     size); `serving_pixels` takes `pixels`, float RGB in [0, 255] of any size. Both return
-    `probabilities` [N, C], `class_index` [N] and `class_name` [N]. The backbones'
-    preprocessing is inside. assets/labels.txt holds the labels and assets/export.json the
+    `probabilities` [N, C], `class_index` [N] and `class_name` [N]; a multi-label model
+    (`thresholds` given: one per label) returns `probabilities` [N, C], `predicted` [N, C]
+    (bool: at or above the label's threshold) and `predicted_labels` [N, C] (the label's
+    name where predicted, else ""). The backbones' preprocessing is inside. assets/labels.txt holds the labels and assets/export.json the
     TTA mode and members. The folder is written beside `out_dir` and renamed into place;
     an existing `out_dir` is replaced only if it is a tlapp SavedModel export and `overwrite`.
     """
@@ -58,6 +64,10 @@ def export_members(members: list[predict_lib.Member], labels: list[str], out_dir
 
         # An empty batch gets empty outputs (a convolution on zero images fails in oneDNN).
         probabilities = tf.cond(count > 0, compute, lambda: tf.zeros([0, len(labels)]))
+        if thresholds is not None:
+            chosen = probabilities >= tf.constant(thresholds, tf.float32)
+            return {"probabilities": probabilities, "predicted": chosen,
+                    "predicted_labels": tf.where(chosen, names, tf.constant(""))}
         index = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {"probabilities": probabilities, "class_index": index,
                 "class_name": tf.gather(names, index)}
@@ -76,7 +86,8 @@ def export_members(members: list[predict_lib.Member], labels: list[str], out_dir
         "serving_pixels": (from_pixels, tf.TensorSpec([None, None, None, 3], tf.float32,
                                                       name="pixels"))}
     description = {"tta": tta, "members": [{"name": m.name, "image_size": m.image_size}
-                                           for m in members]}
+                                           for m in members]} | (
+        {"multi_label": True, "thresholds": thresholds} if thresholds is not None else {})
 
     def write(temp: Path) -> None:
         save_signatures(temp, signatures, [m.model for m in members])
@@ -169,6 +180,7 @@ def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_
                              f"Use one of: {', '.join(FORMATS)}.")
     predict_lib.check_tta(tta)
     labels = predict_lib.check_same_labels([(str(r.path), r.labels) for r in runs])
+    check_multi_label(runs)
     if len(runs) > 1 and out is None:
         raise UserInputError("An ensemble export needs a destination: add --out DIR.")
     if format == "tflite":
@@ -185,4 +197,5 @@ def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_
     out = Path(out or runs[0].path / ("saved_model" if tta == "none" else f"saved_model_{tta}"))
     check_folder_target(out, "SavedModel export", overwrite, is_old_saved_model_export)
     members = [predict_lib.Member(r.model, r.image_size, str(r.path)) for r in runs]
-    return export_members(members, labels, out, tta=tta, overwrite=overwrite)
+    return export_members(members, labels, out, tta=tta, overwrite=overwrite,
+                          thresholds=runs[0].thresholds)

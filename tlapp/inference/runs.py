@@ -13,7 +13,7 @@ from tlapp.backbones import classic, spec  # noqa: F401  registers the layers mo
 from tlapp.config import Config
 from tlapp.data.scan import expand_inputs
 from tlapp.errors import UserInputError
-from tlapp.inference import predict as predict_lib
+from tlapp.inference import multilabel, predict as predict_lib
 
 
 @dataclasses.dataclass
@@ -54,6 +54,13 @@ class Run:
     @property
     def image_size(self) -> int:
         return int(self.config.image_size)
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """A multi-label run's per-label thresholds (thresholds.json); None otherwise."""
+        if not self.config.multi_label:
+            return None
+        return multilabel.read_thresholds(self.path, self.labels)
 
     def predict(self, images: list[str], top_k: int = 5, tta: str = "none") -> list[dict]:
         """Predicts image files; see `predict`."""
@@ -110,7 +117,16 @@ def ensemble_members(runs) -> list[predict_lib.Member]:
     """
     runs = as_runs(runs)
     predict_lib.check_same_labels([(str(r.path), r.labels) for r in runs])
+    check_multi_label(runs)
     return [predict_lib.Member(r.model, r.image_size, str(r.path)) for r in runs]
+
+
+def check_multi_label(runs: list[Run]) -> None:
+    """Multi-label runs are used one at a time (each has its own tuned thresholds)."""
+    if len(runs) > 1 and any(r.config.multi_label for r in runs):
+        raise UserInputError(f"Ensembles of multi-label runs are not supported (each run's "
+                             f"thresholds were tuned for its own probabilities). Received: "
+                             f"{', '.join(str(r.path) for r in runs)}")
 
 
 def iter_predictions(runs, images: list[str], top_k: int = 5, batch_size: int = 32,
@@ -123,10 +139,15 @@ def iter_predictions(runs, images: list[str], top_k: int = 5, batch_size: int = 
                              f"image). Received: top_k={top_k!r}")
     members = ensemble_members(runs)
     labels = runs[0].labels
+    thresholds = runs[0].thresholds
     files = expand_inputs(images)
     for path, row, error in predict_lib.predict_files(members, files, tta, batch_size):
         if error:
             yield {"path": path, "error": error}
+        elif thresholds is not None:
+            yield {"path": path, "predictions": multilabel.predicted_labels(row, labels,
+                                                                            thresholds),
+                   "probabilities": {label: float(p) for label, p in zip(labels, row)}}
         else:
             best = np.argsort(-row, kind="stable")[:top_k]
             yield {"path": path, "predictions": [{"label": labels[i],
@@ -145,5 +166,7 @@ def predict(runs, images: list[str], top_k: int = 5, batch_size: int = 32,
     Returns:
         One dict per file, in input order: {"path", "predictions": [{"label",
         "probability"}, ...] best first}, or {"path", "error"} for a file it could not read.
+        A multi-label run predicts every label at or above its threshold (not top_k) and
+        adds "probabilities" {label: probability} for every label.
     """
     return list(iter_predictions(runs, images, top_k, batch_size, tta))

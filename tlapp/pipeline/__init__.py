@@ -86,7 +86,8 @@ def _run(config: Config, spec, out: Path, resume: bool, scans: dict | None) -> R
         plan = resolve_plan(config, spec, scanned, cache_dir, out)
         models = head.build_models(spec, plan.base, plan.cut, plan.classes, config.dropout,
                                    plan.image_size,
-                                   bn_trainable=plan.cut is None or config.bn_trainable)
+                                   bn_trainable=plan.cut is None or config.bn_trainable,
+                                   multi_label=config.multi_label)
         folder.write_run_files(temp, plan, scanned)
         stages.log_model(plan, models)
         splits = Splits.of(scanned)
@@ -126,6 +127,7 @@ def _run(config: Config, spec, out: Path, resume: bool, scans: dict | None) -> R
         "cache": cache_stats,
         "val": results["val"],
         "test": results["test"],
+        **({"thresholds": results["thresholds"]} if "thresholds" in results else {}),
         "final_epoch": checkpoint.state["history"][-1] if checkpoint.state["history"] else {},
         "timings": {k: round(v, 3) for k, v in timings.items()}
         | {"total_s": round(time.perf_counter() - start, 3)},

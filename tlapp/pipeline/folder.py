@@ -13,6 +13,7 @@ from tlapp import config as config_lib
 from tlapp.data.scan import ScannedData
 from tlapp.errors import UserInputError
 from tlapp.files import write_json, write_text
+from tlapp.inference import multilabel
 from tlapp.inference.evaluate import write_reports
 from tlapp.inference.export import export_saved_model
 from tlapp.pipeline.plan import Plan, Splits
@@ -106,11 +107,17 @@ def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: 
     history = checkpoint.state["history"]
     fit.write_history(temp / "history.csv", history)
     plot_history(history, temp / "plots" / "training_curves.png")
-    if results["test"]["count"]:
+    thresholds = results.get("thresholds")
+    if thresholds is not None:  # multi-label: the decisions need the tuned thresholds
+        multilabel.write_thresholds(temp, scanned.classes, thresholds)
+        if results["test"]["count"]:
+            multilabel.write_label_report(temp, results["test"])
+    elif results["test"]["count"]:
         write_reports(temp, results["test"], [s.path for s in scanned.split("test")],
                       splits.labels["test"], probabilities["test"], scanned.classes)
     models.full.save(temp / "model.keras")
-    export_saved_model(models.full, scanned.classes, temp / "saved_model")
+    export_saved_model(models.full, scanned.classes, temp / "saved_model",
+                       thresholds=thresholds)
     shutil.rmtree(temp / "checkpoints", ignore_errors=True)  # the run is complete
 
 

@@ -43,9 +43,17 @@ class Plan:
         return self.cut is None or self.config.cache == "off"
 
 
+def multi_hot(samples: list, classes: int) -> np.ndarray:
+    targets = np.zeros((len(samples), classes), np.float32)
+    for row, sample in enumerate(samples):
+        targets[row, list(sample.labels)] = 1.0
+    return targets
+
+
 @dataclasses.dataclass
 class Splits:
-    """Files, labels and content hashes of the train, val and test splits."""
+    """Files, labels and content hashes of the train, val and test splits. Labels are class
+    indices [N], or multi-hot float32 [N, classes] for a multi-label scan."""
 
     paths: dict[str, list[str]]
     labels: dict[str, np.ndarray]
@@ -57,8 +65,9 @@ class Splits:
         root = str(scanned.root)  # strings, not Path objects: a third of the memory
         return cls({name: [os.path.join(root, s.path) for s in samples[name]]
                     for name in SPLITS},
-                   {name: np.array([s.label for s in samples[name]], np.int32)
-                    for name in SPLITS},
+                   {name: multi_hot(samples[name], len(scanned.classes))
+                    if scanned.multi_label else
+                    np.array([s.label for s in samples[name]], np.int32) for name in SPLITS},
                    {name: [s.sha256 for s in samples[name]] for name in SPLITS})
 
     def count(self, name: str) -> int:
@@ -72,11 +81,16 @@ def scan_data(config: Config, cache_dir: Path, scans: dict | None = None) -> Sca
     if not config.data:
         raise UserInputError("No data given: pass an image folder (or tfds:NAME) as DATA.")
     root = resolve_data(config.data, cache_dir)
-    memo = (str(root.resolve()), config.val_fraction, config.test_fraction, config.max_pixels)
+    memo = (str(root.resolve()), config.val_fraction, config.test_fraction, config.max_pixels,
+            config.label_from, config.group_by, config.path_column, config.label_column,
+            config.multi_label)
     if scans is not None and memo in scans:
         return scans[memo]
     scanned = scan_folder(root, config.val_fraction, config.test_fraction,
-                          max_pixels=config.max_pixels, cache_dir=cache_dir)
+                          max_pixels=config.max_pixels, cache_dir=cache_dir,
+                          label_from=config.label_from, group_by=config.group_by,
+                          path_column=config.path_column, label_column=config.label_column,
+                          multi_label=config.multi_label)
     if scans is not None:
         scans[memo] = scanned
     return scanned

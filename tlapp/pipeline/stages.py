@@ -17,6 +17,7 @@ from tlapp.data.scan import ScannedData
 from tlapp.features.cache import DamagedCacheError, FeatureCache, cache_key
 from tlapp.features.extract import extract_features
 from tlapp.features.loader import FeatureLoader
+from tlapp.inference import multilabel
 from tlapp.inference.evaluate import classification_metrics
 from tlapp.pipeline.plan import Plan, Splits
 from tlapp.training import fit, head
@@ -31,7 +32,8 @@ def settings(plan: Plan, splits: Splits) -> fit.Settings:
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
         optimizer=config.optimizer, lr_schedule=config.lr_schedule,
         label_smoothing=config.label_smoothing, early_stopping=config.early_stopping,
-        jit=config.jit, class_weight=class_weights(config, splits, plan.classes))
+        jit=config.jit, class_weight=class_weights(config, splits, plan.classes),
+        multi_label=config.multi_label)
 
 
 def class_weights(config: Config, splits: Splits, classes: int) -> dict[int, float] | None:
@@ -142,7 +144,8 @@ def fine_tune(plan: Plan, models: head.Models, splits: Splits, checkpoint: Check
 def evaluate_splits(plan: Plan, models: head.Models, splits: Splits, features: dict | None,
                     classes: list[str]) -> tuple[dict, dict]:
     """Metrics and probabilities on val and test: from cached features when the stem is
-    unchanged, else from images."""
+    unchanged, else from images. A multi-label run's thresholds are tuned on val first
+    (results["thresholds"])."""
     results, probabilities = {}, {}
     for name in ("val", "test"):
         if not splits.count(name):
@@ -152,6 +155,14 @@ def evaluate_splits(plan: Plan, models: head.Models, splits: Splits, features: d
         else:
             probabilities[name] = models.full.predict(datasets.image_dataset(
                 splits.paths[name], plan.image_size, plan.config.batch_size), verbose=0)
+    if plan.config.multi_label:
+        thresholds = multilabel.tune_thresholds(splits.labels["val"], probabilities["val"],
+                                                len(classes))
+        results = {name: multilabel.multilabel_metrics(
+            splits.labels[name], probabilities[name], classes, thresholds)
+            for name in ("val", "test")} | {"thresholds": thresholds}
+        return results, probabilities
+    for name in ("val", "test"):
         results[name] = classification_metrics(splits.labels[name], probabilities[name],
                                                classes)
     return results, probabilities

@@ -41,6 +41,7 @@ class Settings:
     early_stopping: int = 0  # patience in epochs; 0 = off
     jit: bool = False
     class_weight: dict | None = None
+    multi_label: bool = False  # sigmoid outputs: binary cross-entropy per label
 
 
 def augmentation(spec: str | None, seed: int, pca=None) -> Callable | None:
@@ -95,10 +96,13 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
     """
     steps = math.ceil(n_train / settings.batch_size)
     optimizer = make_optimizer(settings, steps * settings.epochs)
-    model.compile(optimizer=optimizer,
-                  loss=keras.losses.CategoricalCrossentropy(
-                      label_smoothing=settings.label_smoothing),
-                  metrics=["accuracy"], jit_compile=settings.jit)
+    if settings.multi_label:  # "accuracy": the share of right yes/no decisions
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=settings.label_smoothing)
+        metric = keras.metrics.BinaryAccuracy(name="accuracy")
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing)
+        metric = "accuracy"
+    model.compile(optimizer=optimizer, loss=loss, metrics=[metric], jit_compile=settings.jit)
     optimizer.build(model.trainable_variables)
     done = checkpoint.completed(stage, settings.epochs)
     if checkpoint.restore_pending:  # resuming: the newest weights, once

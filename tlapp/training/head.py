@@ -46,14 +46,15 @@ def set_trainable(base: keras.Model, cut: str | None, bn_trainable: bool) -> Non
 
 def build_models(spec: BackboneSpec, base: keras.Model, cut: str | None,
                  num_classes: int, dropout: float, image_size: int,
-                 bn_trainable: bool = False) -> Models:
+                 bn_trainable: bool = False, multi_label: bool = False) -> Models:
     """Freezes `base` up to `cut` and wires the stem, training and full models.
 
     With cut=None (training from scratch) nothing is frozen, there is no stem, and the
     training model is the full model.
 
     The head is: global average pooling, standardisation of each pooled feature (a
-    Normalization layer; call `adapt_head` before training), dropout, dense softmax.
+    Normalization layer; call `adapt_head` before training), dropout, dense softmax (sigmoid,
+    one independent probability per label, with multi_label).
     Standardising matters: pooled activations share a large common offset (at random
     initialisation especially) that otherwise swamps a linear head's gradients.
     """
@@ -63,8 +64,8 @@ def build_models(spec: BackboneSpec, base: keras.Model, cut: str | None,
     # float32 under mixed precision too: its statistics must not be computed in float16
     head_norm = keras.layers.Normalization(name="head_standardize", dtype="float32")
     head_dropout = keras.layers.Dropout(dropout, name="head_dropout")
-    head_dense = keras.layers.Dense(num_classes, activation="softmax", name="probabilities",
-                                    dtype="float32")
+    head_dense = keras.layers.Dense(num_classes, name="probabilities", dtype="float32",
+                                    activation="sigmoid" if multi_label else "softmax")
 
     x = _pool(base(preprocess(pixels)), "avg_pool")
     full_model = keras.Model(pixels, head_dense(head_dropout(head_norm(x))),
