@@ -119,6 +119,14 @@ class Config:
                               metavar="N")
     class_weight: str = setting("none", "none, or auto: weight the loss by inverse class "
                                         "frequency", choices=("none", "auto"))
+    calibrate: str = setting("on", "on: fit a temperature on the validation split so that "
+                                   "probabilities match accuracy (baked into the model and "
+                                   "every export); off: raw softmax", choices=("on", "off"))
+    reject_below: float | str | None = setting(
+        None, "answer 'unknown' when the top probability is below P; auto: choose P on the "
+              "validation split so that --keep of its images are kept", metavar="P|auto")
+    keep: float = setting(0.95, "with --reject-below auto: the share of in-distribution "
+                                "(validation) images to keep", metavar="X")
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))
@@ -249,6 +257,14 @@ def validate(config: Config) -> Config:
             "Give either cut or trainable_blocks, not both. "
             f"Received: cut={config.cut!r}, trainable_blocks={config.trainable_blocks}"
         )
+    check(config.reject_below in (None, "auto") or (
+        isinstance(config.reject_below, float) and 0 <= config.reject_below <= 1),
+        "reject_below", "a probability in [0, 1], or 'auto'")
+    check(0 < config.keep <= 1, "keep", "in (0, 1]")
+    if config.multi_label and config.reject_below is not None:
+        raise UserInputError(f"reject_below applies to one label per image; a multi-label run "
+                             f"already answers 'none' when no label reaches its threshold. "
+                             f"Received: reject_below={config.reject_below!r}")
     if config.multi_label and config.class_weight != "none":
         raise UserInputError(f"class_weight balances one label per image; with multi_label "
                              f"every label is its own yes/no decision. Received: "

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 
+from tlapp.cli.train import number_or_auto
 from tlapp.constants import TTA_MODES
 from tlapp.errors import UserInputError
 
+REJECT_HELP = ("answer 'unknown' when the top probability is below P (default: the run's "
+               "own threshold if it was trained with --reject-below; auto: insist on it)")
 TTA_HELP = ("test-time augmentation: none (default), flip (image and mirror) or 10crop "
             "(corners and centre, each mirrored); probabilities are averaged")
 
@@ -24,6 +27,9 @@ def add_parsers(commands) -> None:
     evaluate.add_argument("--out", help="folder for the results (default: the run folder; "
                                         "for an ensemble models/ensemble-TIME)")
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    evaluate.add_argument("--reject-below", type=number_or_auto, metavar="P|auto",
+                          help=REJECT_HELP + "; reports accuracy on the answered images and "
+                                             "the share answered")
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="classify images with a trained run")
@@ -38,6 +44,8 @@ def add_parsers(commands) -> None:
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--tta", choices=TTA_MODES, default="none", help=TTA_HELP)
     predict.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    predict.add_argument("--reject-below", type=number_or_auto, metavar="P|auto",
+                         help=REJECT_HELP)
     predict.set_defaults(func=cmd_predict)
 
     export = commands.add_parser("export", help="export a run or an ensemble (SavedModel, TFLite)")
@@ -53,6 +61,8 @@ def add_parsers(commands) -> None:
     export.add_argument("--out", help="destination folder (default RUN/saved_model, "
                                       "RUN/saved_model_TTA or RUN/tflite); must be new, empty "
                                       "or a previous tlapp export (with --overwrite)")
+    export.add_argument("--reject-below", type=number_or_auto, metavar="P|auto",
+                        help=REJECT_HELP + " (SavedModel: class_name 'unknown', class_index -1)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace a previous tlapp export at the destination (never "
                              "anything else)")
@@ -64,7 +74,7 @@ def cmd_evaluate(args) -> int:
 
     paths = ([args.run] if args.run else []) + (args.model or [])
     result = evaluate_run(paths, data=args.data, tta=args.tta, out=args.out,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, reject_below=args.reject_below)
     if "per_label" in result:  # a multi-label run
         print(f"exact label sets {result['accuracy']:.4f}, decisions "
               f"{result['label_accuracy']:.4f} on {result['count']} images (tta {args.tta}); "
@@ -80,6 +90,10 @@ def cmd_evaluate(args) -> int:
     print(f"accuracy {result['accuracy']:.4f}{top5} on {result['count']} images "
           f"(tta {args.tta}, {len(paths)} model{'s' if len(paths) > 1 else ''}); "
           f"macro F1 {result['macro_f1']:.4f}, weighted F1 {result['weighted_f1']:.4f}")
+    if "selective" in result:
+        chosen = result["selective"]
+        print(f"reject below {chosen['reject_below']:.3f}: answered {chosen['coverage']:.1%} "
+              f"of the images, accuracy on them {_number(chosen['selective_accuracy'])}")
     for name, row in result["per_class"].items():
         print(f"  {name:20s} precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
               f"f1 {row['f1']:.3f}  support {row['support']}")
@@ -98,7 +112,8 @@ def cmd_predict(args) -> int:
     runs = [runs_lib.load_run(path) for path in args.model]
     readable = False
     for result in runs_lib.iter_predictions(runs, args.images, top_k=args.top_k,
-                                            batch_size=args.batch_size, tta=args.tta):
+                                            batch_size=args.batch_size, tta=args.tta,
+                                            reject_below=args.reject_below):
         readable = readable or "predictions" in result
         if args.json:
             print(json.dumps(result), flush=True)
@@ -106,7 +121,10 @@ def cmd_predict(args) -> int:
             print(f"{result['path']}: error: {result['error']}", flush=True)
         else:
             best = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in result["predictions"])
-            print(f"{result['path']}: {best or '(no label above its threshold)'}", flush=True)
+            answer = "unknown (below --reject-below): " if result.get("label", "") is None \
+                else ""
+            print(f"{result['path']}: {answer}{best or '(no label above its threshold)'}",
+                  flush=True)
     if not readable:
         raise UserInputError("none of the inputs could be read as an image")
     return 0
@@ -120,6 +138,7 @@ def cmd_export(args) -> int:
         raise UserInputError("Nothing to export: give RUN, or --ensemble RUN1 RUN2 ... --out DIR.")
     runs = [runs_lib.load_run(path) for path in paths]
     out = export.export_runs(runs, args.out, format=args.format, tta=args.tta,
-                             quantize=args.quantize, overwrite=args.overwrite)
+                             quantize=args.quantize, overwrite=args.overwrite,
+                             reject_below=args.reject_below)
     print(f"exported {'TFLite model' if args.format == 'tflite' else 'SavedModel'} to {out}")
     return 0

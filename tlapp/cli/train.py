@@ -8,14 +8,22 @@ import dataclasses
 from tlapp import config as config_lib
 
 
-def blocks(text: str) -> int | str:
-    """--trainable-blocks: a number or 'all'."""
-    if text == "all":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+def number_or(word: str, kind: type):
+    """An argparse type for flags that take a number or one word: --trainable-blocks
+    (a whole number or 'all'), --reject-below (a probability or 'auto')."""
+    def parse(text: str):
+        if text == word:
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or {word!r}, got "
+                                             f"{text!r}") from None
+    return parse
+
+
+blocks = number_or("all", int)
+number_or_auto = number_or("auto", float)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +42,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=text)
             continue
-        kind = blocks if types == (int, str) else types[0]
+        kind = blocks if types == (int, str) else number_or_auto if types == (float, str) \
+            else types[0]
         # Choices are checked by Config, whose message names the key and the value received.
         metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else \
             meta["metavar"] or "VALUE"

@@ -17,9 +17,10 @@ import numpy as np
 from tlapp.data.scan import data_root, resolve_data, scan_folder
 from tlapp.errors import UserInputError
 from tlapp.files import MARKER, owned_kind, write_atomic, write_json, write_text
-from tlapp.inference import multilabel, predict as predict_lib
-from tlapp.inference.runs import Run, as_runs, check_batch_size, ensemble_members
-from tlapp.reporting.plots import plot_confusion
+from tlapp.inference import calibration, multilabel, predict as predict_lib
+from tlapp.inference.runs import (Run, as_runs, check_batch_size, ensemble_members,
+                                  resolve_reject)
+from tlapp.reporting.plots import plot_confusion, plot_coverage
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +176,16 @@ def read_split(run: Run) -> dict:
 
 
 def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
-                 tta: str = "none", out: str | Path | None = None) -> dict:
+                 tta: str = "none", out: str | Path | None = None,
+                 reject_below: float | str | None = None) -> dict:
     """Evaluates the whole model (pixels in) on the run's test split, or on every image of
     `data` (a folder with the run's class folders, or a list file as in training).
 
     Args:
         run: a Run or run folder, or several (an ensemble: probabilities are averaged).
         tta: "none", "flip" or "10crop" (see tlapp.inference.predict).
+        reject_below: as in `predict`: adds "selective" (coverage and accuracy on the
+            images answered) and plots/coverage.png.
         out: folder for the results (default: the run folder; for an ensemble
             models/ensemble-TIME). metrics.json there gets them under "evaluate";
             confusion_matrix.csv, misclassified.csv and plots/confusion_matrix.png are
@@ -197,6 +201,7 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
         Path("models") / f"ensemble-{time.strftime('%Y%m%d-%H%M%S')}"
     check_evaluation_out(out, runs)
     members = ensemble_members(runs)
+    reject = resolve_reject(runs, reject_below)
     first = runs[0]
     if data is None:
         _check_same_test_split(runs)
@@ -263,6 +268,13 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
         multilabel.write_label_report(out, result)
     else:
         write_reports(out, result, files, labels, probabilities, first.labels)
+        selected = None
+        if reject is not None:
+            selected = result["selective"] = calibration.selective(probabilities, labels,
+                                                                   reject)
+        coverage, accuracy = calibration.coverage_curve(probabilities, labels)
+        plot_coverage(coverage, accuracy, out / "plots" / "coverage.png", selected and (
+            selected["coverage"], selected["selective_accuracy"]))
     update_metrics(out, "evaluate", result)
     return result
 

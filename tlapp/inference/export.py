@@ -11,8 +11,8 @@ import tensorflow as tf
 from tlapp.data.decoding import decode_image
 from tlapp.errors import UserInputError
 from tlapp.files import check_folder_target, disk_full, is_disk_full, write_folder
-from tlapp.inference import predict as predict_lib
-from tlapp.inference.runs import check_multi_label
+from tlapp.inference import calibration, predict as predict_lib
+from tlapp.inference.runs import check_multi_label, resolve_reject
 
 FORMATS = ("saved_model", "tflite")
 QUANTIZE_MODES = ("none", "dynamic", "float16")
@@ -20,11 +20,12 @@ QUANTIZE_MODES = ("none", "dynamic", "float16")
 
 def export_saved_model(model: keras.Model, labels: list[str], out_dir: str | Path,
                        tta: str = "none", overwrite: bool = False,
-                       thresholds: list[float] | None = None) -> Path:
+                       thresholds: list[float] | None = None,
+                       reject_below: float | None = None) -> Path:
     """Writes a SavedModel of one model (RGB pixels at its input size in); see `export_members`."""
     member = predict_lib.Member(model, int(model.input.shape[1]))
     return export_members([member], labels, out_dir, tta=tta, overwrite=overwrite,
-                          thresholds=thresholds)
+                          thresholds=thresholds, reject_below=reject_below)
 
 
 def is_old_saved_model_export(folder: Path) -> bool:
@@ -40,7 +41,8 @@ def is_old_tflite_export(folder: Path) -> bool:
 
 def export_members(members: list[predict_lib.Member], labels: list[str], out_dir: str | Path,
                    tta: str = "none", overwrite: bool = False,
-                   thresholds: list[float] | None = None) -> Path:
+                   thresholds: list[float] | None = None,
+                   reject_below: float | None = None) -> Path:
     """Writes a SavedModel that averages the probabilities of `members` (and TTA views).
 
     `serving_default` takes `images`, a string tensor of encoded files (JPEG, PNG, GIF,
@@ -49,7 +51,9 @@ def export_members(members: list[predict_lib.Member], labels: list[str], out_dir
     `probabilities` [N, C], `class_index` [N] and `class_name` [N]; a multi-label model
     (`thresholds` given: one per label) returns `probabilities` [N, C], `predicted` [N, C]
     (bool: at or above the label's threshold) and `predicted_labels` [N, C] (the label's
-    name where predicted, else ""). The backbones' preprocessing is inside. assets/labels.txt holds the labels and assets/export.json the
+    name where predicted, else ""). With `reject_below` P, an image whose top probability
+    is below P gets class_index -1 and class_name "unknown" (probabilities unchanged). The
+    backbones' preprocessing is inside. assets/labels.txt holds the labels and assets/export.json the
     TTA mode and members. The folder is written beside `out_dir` and renamed into place;
     an existing `out_dir` is replaced only if it is a tlapp SavedModel export and `overwrite`.
     """
@@ -69,8 +73,12 @@ def export_members(members: list[predict_lib.Member], labels: list[str], out_dir
             return {"probabilities": probabilities, "predicted": chosen,
                     "predicted_labels": tf.where(chosen, names, tf.constant(""))}
         index = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-        return {"probabilities": probabilities, "class_index": index,
-                "class_name": tf.gather(names, index)}
+        name = tf.gather(names, index)
+        if reject_below is not None:
+            unknown = tf.reduce_max(probabilities, axis=-1) < reject_below
+            index = tf.where(unknown, -1, index)
+            name = tf.where(unknown, tf.constant(calibration.UNKNOWN), name)
+        return {"probabilities": probabilities, "class_index": index, "class_name": name}
 
     def from_files(images):
         return outputs(tf.size(images), lambda size: tf.map_fn(
@@ -87,7 +95,8 @@ def export_members(members: list[predict_lib.Member], labels: list[str], out_dir
                                                       name="pixels"))}
     description = {"tta": tta, "members": [{"name": m.name, "image_size": m.image_size}
                                            for m in members]} | (
-        {"multi_label": True, "thresholds": thresholds} if thresholds is not None else {})
+        {"multi_label": True, "thresholds": thresholds} if thresholds is not None else {}) | (
+        {"reject_below": reject_below} if reject_below is not None else {})
 
     def write(temp: Path) -> None:
         save_signatures(temp, signatures, [m.model for m in members])
@@ -162,7 +171,8 @@ def export_tflite(model: keras.Model, labels: list[str], out_dir: str | Path,
 
 
 def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_model",
-                tta: str = "none", quantize: str = "none", overwrite: bool = False) -> Path:
+                tta: str = "none", quantize: str = "none", overwrite: bool = False,
+                reject_below: float | str | None = None) -> Path:
     """`tlapp export`: one run, or several as an ensemble, to a SavedModel or TFLite file.
 
     Args:
@@ -188,6 +198,10 @@ def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_
             raise UserInputError(f"TFLite export takes one run without TTA. Received: "
                                  f"{len(runs)} runs, tta={tta!r}. Use --format saved_model "
                                  f"for ensembles and TTA.")
+        if reject_below is not None:
+            raise UserInputError(f"A TFLite model returns probabilities only; apply the reject "
+                                 f"threshold in the app (the run's is in its reject.json). "
+                                 f"Received: reject_below={reject_below!r} with format='tflite'.")
         return export_tflite(runs[0].model, labels, out or runs[0].path / "tflite", quantize,
                              overwrite)
     if quantize != "none":
@@ -198,4 +212,5 @@ def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_
     check_folder_target(out, "SavedModel export", overwrite, is_old_saved_model_export)
     members = [predict_lib.Member(r.model, r.image_size, str(r.path)) for r in runs]
     return export_members(members, labels, out, tta=tta, overwrite=overwrite,
-                          thresholds=runs[0].thresholds)
+                          thresholds=runs[0].thresholds,
+                          reject_below=resolve_reject(runs, reject_below))

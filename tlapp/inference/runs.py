@@ -13,7 +13,7 @@ from tlapp.backbones import classic, spec  # noqa: F401  registers the layers mo
 from tlapp.config import Config
 from tlapp.data.scan import expand_inputs
 from tlapp.errors import UserInputError
-from tlapp.inference import multilabel, predict as predict_lib
+from tlapp.inference import calibration, multilabel, predict as predict_lib
 
 
 @dataclasses.dataclass
@@ -56,15 +56,21 @@ class Run:
         return int(self.config.image_size)
 
     @property
+    def reject_below(self) -> float | None:
+        """The "none of these" threshold the run recorded (reject.json), or None."""
+        return calibration.read_reject(self.path)
+
+    @property
     def thresholds(self) -> list[float] | None:
         """A multi-label run's per-label thresholds (thresholds.json); None otherwise."""
         if not self.config.multi_label:
             return None
         return multilabel.read_thresholds(self.path, self.labels)
 
-    def predict(self, images: list[str], top_k: int = 5, tta: str = "none") -> list[dict]:
+    def predict(self, images: list[str], top_k: int = 5, tta: str = "none",
+                reject_below: float | str | None = None) -> list[dict]:
         """Predicts image files; see `predict`."""
-        return predict([self], images, top_k, tta=tta)
+        return predict([self], images, top_k, tta=tta, reject_below=reject_below)
 
 
 def load_run(path: str | Path) -> Run:
@@ -121,6 +127,24 @@ def ensemble_members(runs) -> list[predict_lib.Member]:
     return [predict_lib.Member(r.model, r.image_size, str(r.path)) for r in runs]
 
 
+def resolve_reject(runs: list[Run], reject_below: float | str | None) -> float | None:
+    """The threshold predictions use: the one given; for None the run's own (one run; an
+    ensemble has none unless given); 'auto' requires the run to have recorded one."""
+    reject_below = calibration.check_reject_below(reject_below)
+    if isinstance(reject_below, float):
+        if any(r.config.multi_label for r in runs):
+            raise UserInputError("reject_below applies to one label per image; a multi-label "
+                                 "run answers 'none' when no label reaches its threshold.")
+        return reject_below
+    recorded = runs[0].reject_below if len(runs) == 1 else None
+    if reject_below == "auto" and recorded is None:
+        which = runs[0].path if len(runs) == 1 else "an ensemble"
+        raise UserInputError(f"--reject-below auto uses the threshold a run chose on its "
+                             f"validation split, and {which} has none: train with "
+                             f"--reject-below auto, or give a number.")
+    return recorded
+
+
 def check_multi_label(runs: list[Run]) -> None:
     """Multi-label runs are used one at a time (each has its own tuned thresholds)."""
     if len(runs) > 1 and any(r.config.multi_label for r in runs):
@@ -130,7 +154,7 @@ def check_multi_label(runs: list[Run]) -> None:
 
 
 def iter_predictions(runs, images: list[str], top_k: int = 5, batch_size: int = 32,
-                     tta: str = "none"):
+                     tta: str = "none", reject_below: float | str | None = None):
     """Like `predict`, but yields each file's result as soon as its chunk is done."""
     runs = as_runs(runs)
     check_batch_size(batch_size)
@@ -140,6 +164,7 @@ def iter_predictions(runs, images: list[str], top_k: int = 5, batch_size: int = 
     members = ensemble_members(runs)
     labels = runs[0].labels
     thresholds = runs[0].thresholds
+    reject = resolve_reject(runs, reject_below)
     files = expand_inputs(images)
     for path, row, error in predict_lib.predict_files(members, files, tta, batch_size):
         if error:
@@ -150,12 +175,14 @@ def iter_predictions(runs, images: list[str], top_k: int = 5, batch_size: int = 
                    "probabilities": {label: float(p) for label, p in zip(labels, row)}}
         else:
             best = np.argsort(-row, kind="stable")[:top_k]
-            yield {"path": path, "predictions": [{"label": labels[i],
-                                                   "probability": float(row[i])} for i in best]}
+            known = reject is None or row[best[0]] >= reject
+            yield {"path": path, "label": labels[best[0]] if known else None,
+                   "predictions": [{"label": labels[i], "probability": float(row[i])}
+                                   for i in best]}
 
 
 def predict(runs, images: list[str], top_k: int = 5, batch_size: int = 32,
-            tta: str = "none") -> list[dict]:
+            tta: str = "none", reject_below: float | str | None = None) -> list[dict]:
     """Top-k predictions for image files, folders or globs, averaged over `runs`.
 
     Args:
@@ -166,7 +193,9 @@ def predict(runs, images: list[str], top_k: int = 5, batch_size: int = 32,
     Returns:
         One dict per file, in input order: {"path", "predictions": [{"label",
         "probability"}, ...] best first}, or {"path", "error"} for a file it could not read.
-        A multi-label run predicts every label at or above its threshold (not top_k) and
-        adds "probabilities" {label: probability} for every label.
+        "label" is the answer: the top label, or None ("unknown") when its probability is
+        below `reject_below` (default: the run's own threshold, if it was trained with one;
+        "auto" insists on it). A multi-label run predicts every label at or above its
+        threshold (not top_k) and adds "probabilities" {label: probability} for every label.
     """
-    return list(iter_predictions(runs, images, top_k, batch_size, tta))
+    return list(iter_predictions(runs, images, top_k, batch_size, tta, reject_below))

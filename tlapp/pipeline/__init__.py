@@ -128,6 +128,8 @@ def _run(config: Config, spec, out: Path, resume: bool, scans: dict | None) -> R
         "val": results["val"],
         "test": results["test"],
         **({"thresholds": results["thresholds"]} if "thresholds" in results else {}),
+        **({"calibration": {k: v for k, v in results["calibration"].items() if k != "curves"},
+            "reject": results["reject"]} if "calibration" in results else {}),
         "final_epoch": checkpoint.state["history"][-1] if checkpoint.state["history"] else {},
         "timings": {k: round(v, 3) for k, v in timings.items()}
         | {"total_s": round(time.perf_counter() - start, 3)},

@@ -13,11 +13,11 @@ from tlapp import config as config_lib
 from tlapp.data.scan import ScannedData
 from tlapp.errors import UserInputError
 from tlapp.files import write_json, write_text
-from tlapp.inference import multilabel
+from tlapp.inference import calibration, multilabel
 from tlapp.inference.evaluate import write_reports
 from tlapp.inference.export import export_saved_model
 from tlapp.pipeline.plan import Plan, Splits
-from tlapp.reporting.plots import plot_history
+from tlapp.reporting.plots import plot_coverage, plot_history, plot_reliability
 from tlapp.training import fit, head
 from tlapp.training.checkpoint import Checkpoint
 
@@ -115,10 +115,36 @@ def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: 
     elif results["test"]["count"]:
         write_reports(temp, results["test"], [s.path for s in scanned.split("test")],
                       splits.labels["test"], probabilities["test"], scanned.classes)
+    reject = results.get("reject")
+    write_decision_plots(temp, results.get("calibration"), reject, probabilities, splits)
+    if reject is not None:
+        write_json(temp / calibration.REJECT_FILE, {
+            "reject_below": reject["reject_below"], "chosen": reject["chosen"],
+            "keep": reject["keep"]})
     models.full.save(temp / "model.keras")
     export_saved_model(models.full, scanned.classes, temp / "saved_model",
-                       thresholds=thresholds)
+                       thresholds=thresholds,
+                       reject_below=reject["reject_below"] if reject else None)
     shutil.rmtree(temp / "checkpoints", ignore_errors=True)  # the run is complete
+
+
+def write_decision_plots(temp: Path, report: dict | None, reject: dict | None,
+                         probabilities: dict, splits: Splits) -> None:
+    """plots/reliability.png (before and after calibration) and plots/coverage.png
+    (accuracy against the share answered, on test, else val)."""
+    if report and report.get("curves"):
+        temperature = report["temperature"]
+        plot_reliability({name: {
+            "before": calibration.reliability(p, labels),
+            "after": calibration.reliability(calibration.scale(p, temperature), labels)}
+            for name, (p, labels) in report["curves"].items()},
+            temp / "plots" / "reliability.png")
+    name = "test" if probabilities.get("test") is not None else "val"
+    if probabilities.get(name) is not None:
+        coverage, accuracy = calibration.coverage_curve(probabilities[name], splits.labels[name])
+        chosen = reject and reject.get(name)
+        plot_coverage(coverage, accuracy, temp / "plots" / "coverage.png",
+                      (chosen["coverage"], chosen["selective_accuracy"]) if chosen else None)
 
 
 def finish_run(temp: Path, out: Path, metrics: dict) -> None:

@@ -14,10 +14,11 @@ from tlapp.config import Config
 from tlapp.constants import SPLITS
 from tlapp.data import datasets
 from tlapp.data.scan import ScannedData
+from tlapp.errors import UserInputError
 from tlapp.features.cache import DamagedCacheError, FeatureCache, cache_key
 from tlapp.features.extract import extract_features
 from tlapp.features.loader import FeatureLoader
-from tlapp.inference import multilabel
+from tlapp.inference import calibration, multilabel
 from tlapp.inference.evaluate import classification_metrics
 from tlapp.pipeline.plan import Plan, Splits
 from tlapp.training import fit, head
@@ -162,10 +163,62 @@ def evaluate_splits(plan: Plan, models: head.Models, splits: Splits, features: d
             splits.labels[name], probabilities[name], classes, thresholds)
             for name in ("val", "test")} | {"thresholds": thresholds}
         return results, probabilities
+    report, probabilities = calibrate(plan, models, splits, probabilities)
     for name in ("val", "test"):
         results[name] = classification_metrics(splits.labels[name], probabilities[name],
                                                classes)
+    results["calibration"] = report
+    results["reject"] = reject_threshold(plan.config, splits, probabilities)
     return results, probabilities
+
+
+def calibrate(plan: Plan, models: head.Models, splits: Splits, probabilities: dict
+              ) -> tuple[dict, dict]:
+    """Fits a temperature on val, bakes it into the model, and returns the calibration
+    report and the calibrated probabilities (with calibrate off or no val images: the
+    reason, and the probabilities as they are)."""
+    if plan.config.calibrate == "off":
+        return {"temperature": 1.0, "skipped": "calibrate = off"}, probabilities
+    reason = calibration.why_not_fit(probabilities["val"], splits.labels["val"])
+    if reason:
+        log.info("calibration: skipped (%s); temperature 1", reason)
+        return {"temperature": 1.0, "skipped": reason}, probabilities
+    temperature = calibration.fit_temperature(probabilities["val"], splits.labels["val"])
+    report = calibration.calibration_report(temperature, {
+        name: (probabilities[name], splits.labels[name]) for name in ("val", "test")
+        if probabilities[name] is not None})
+    calibration.bake_temperature(models.full, temperature)
+    log.info("calibration: temperature %.3f; validation NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+             temperature, report["val"]["nll_before"], report["val"]["nll_after"],
+             report["val"]["ece_before"], report["val"]["ece_after"])
+    report["curves"] = {name: (probabilities[name], splits.labels[name])
+                        for name in ("val", "test") if probabilities[name] is not None}
+    return report, {name: None if p is None else calibration.scale(p, temperature)
+                    for name, p in probabilities.items()}
+
+
+def reject_threshold(config: Config, splits: Splits, probabilities: dict) -> dict | None:
+    """The run's "none of these" threshold (given, or chosen on val to keep config.keep),
+    and its coverage and selective accuracy on val and test; None without one."""
+    if config.reject_below is None:
+        return None
+    if config.reject_below == "auto":
+        if probabilities["val"] is None:
+            raise UserInputError("reject_below = 'auto' chooses its threshold on the "
+                                 "validation split, which has no images: give a number, or "
+                                 "raise --val-fraction.")
+        threshold = calibration.auto_threshold(probabilities["val"], config.keep)
+    else:
+        threshold = config.reject_below
+    result = {"reject_below": threshold, "chosen": config.reject_below == "auto" and "auto"
+              or "given", "keep": config.keep}
+    for name in ("val", "test"):
+        if probabilities[name] is not None:
+            result[name] = calibration.selective(probabilities[name], splits.labels[name],
+                                                 threshold)
+    log.info("reject: 'unknown' below %.3f: keeps %.1f%% of validation images", threshold,
+             100 * result.get("val", {}).get("coverage", float("nan")))
+    return result
 
 
 def trainable_params(model: keras.Model) -> int:

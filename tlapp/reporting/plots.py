@@ -86,3 +86,40 @@ def plot_results(rows: list[dict], path: str | Path) -> None:
     for axis in axes:
         axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
     save_figure(figure, path)
+
+
+def plot_reliability(curves: dict[str, tuple], path: str | Path) -> None:
+    """Reliability diagrams, one per split: accuracy against mean confidence per bin, before
+    and after calibration. `curves`: split -> {"before": (confidence, accuracy, counts),
+    "after": (...)} with one entry per non-empty bin."""
+    figure = Figure(figsize=(4.5 * len(curves), 4.2))
+    axes = np.atleast_1d(figure.subplots(1, len(curves)))
+    for axis, (name, kinds) in zip(axes, curves.items()):
+        axis.plot([0, 1], [0, 1], ":", color="gray", label="perfect")
+        for kind, style in (("before", "o--"), ("after", "s-")):
+            confidence, accuracy, _ = kinds[kind]
+            axis.plot(confidence, accuracy, style, label=kind)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1)
+        axis.set_xlabel("confidence (top probability)")
+        axis.set_ylabel("accuracy")
+        axis.set_title(f"{name} split")
+        axis.legend(loc="upper left")
+    save_figure(figure, path)
+
+
+def plot_coverage(coverage: np.ndarray, accuracy: np.ndarray, path: str | Path,
+                  chosen: tuple[float, float] | None = None) -> None:
+    """Accuracy on the most confident images against the share of images kept; `chosen`
+    (coverage, accuracy) marks the run's reject threshold."""
+    figure = Figure(figsize=(5, 4))
+    axis = figure.subplots()
+    axis.plot(coverage, accuracy, "-")
+    if chosen is not None and chosen[1] is not None:
+        axis.plot([chosen[0]], [chosen[1]], "o", label="--reject-below")
+        axis.legend(loc="lower left")
+    axis.set_xlim(0, 1.02)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("coverage (share of images answered)")
+    axis.set_ylabel("accuracy on the answered images")
+    save_figure(figure, path)
