@@ -48,6 +48,19 @@ def add_parsers(commands) -> None:
                          help=REJECT_HELP)
     predict.set_defaults(func=cmd_predict)
 
+    explain = commands.add_parser(
+        "explain", help="show where the model looked: Grad-CAM heatmaps of images",
+        description="Writes OUT/NAME.gradcam.png per image: the image, a Grad-CAM heatmap "
+                    "over it (from the backbone's last convolutional activation), and the "
+                    "top-3 classes with probabilities.")
+    explain.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                         help="image files, folders, globs or CSV / JSON Lines lists")
+    explain.add_argument("--model", required=True, metavar="RUN", help="run folder")
+    explain.add_argument("--out", help="folder for the PNGs (default RUN/explain)")
+    explain.add_argument("--class", dest="class_name", metavar="NAME",
+                         help="explain this class (default: each image's top class)")
+    explain.set_defaults(func=cmd_explain)
+
     export = commands.add_parser("export", help="export a run or an ensemble (SavedModel, TFLite)")
     export.add_argument("run", nargs="?", metavar="RUN", help="run folder")
     export.add_argument("--ensemble", nargs="+", metavar="RUN",
@@ -126,6 +139,26 @@ def cmd_predict(args) -> int:
             print(f"{result['path']}: {answer}{best or '(no label above its threshold)'}",
                   flush=True)
     if not readable:
+        raise UserInputError("none of the inputs could be read as an image")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from tlapp.inference import runs as runs_lib
+    from tlapp.inference.explain import write_explanations
+
+    run = runs_lib.load_run(args.model)
+    results = run.explain(args.images, args.class_name)
+    out = write_explanations(results, run.labels, args.out or run.path / "explain")
+    for result in results:
+        if "error" in result:
+            print(f"{result['path']}: error: {result['error']}", flush=True)
+        else:
+            probabilities = list(result["probabilities"])
+            best = probabilities.index(max(probabilities))
+            print(f"{result['path']}: {run.labels[best]} "
+                  f"{result['probabilities'][best]:.3f} -> {result['png']}", flush=True)
+    if not out:
         raise UserInputError("none of the inputs could be read as an image")
     return 0
 

@@ -55,6 +55,21 @@ class Run:
     def image_size(self) -> int:
         return int(self.config.image_size)
 
+    def explain(self, images: list[str], class_name: str | None = None) -> list[dict]:
+        """Grad-CAM heatmaps of image files, folders or globs: per file {"path", "pixels",
+        "heatmap" [S, S] in [0, 1], "probabilities"} (or {"path", "error"}); the heatmap is
+        for `class_name` if given, else for the image's top class."""
+        from tlapp.inference.explain import explain_files
+
+        files = expand_inputs(images)
+        classes = None
+        if class_name is not None:
+            if class_name not in self.labels:
+                raise UserInputError(f"Unknown class. Received: class_name={class_name!r}. "
+                                     f"The run's classes: {', '.join(self.labels)}.")
+            classes = [self.labels.index(class_name)] * len(files)
+        return explain_files(self.model, files, self.image_size, classes)
+
     @property
     def reject_below(self) -> float | None:
         """The "none of these" threshold the run recorded (reject.json), or None."""

@@ -123,3 +123,23 @@ def plot_coverage(coverage: np.ndarray, accuracy: np.ndarray, path: str | Path,
     axis.set_xlabel("coverage (share of images answered)")
     axis.set_ylabel("accuracy on the answered images")
     save_figure(figure, path)
+
+
+def plot_explanation(pixels: np.ndarray, heatmap: np.ndarray, top: list[tuple[str, float]],
+                     title: str, path: str | Path) -> None:
+    """An image, its Grad-CAM heatmap over it, and the top classes with probabilities."""
+    figure = Figure(figsize=(9, 3.4))
+    axes = figure.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    axes[0].imshow(pixels)
+    axes[0].set_title(title[:40], fontsize=9)
+    axes[1].imshow(pixels)
+    axes[1].imshow(heatmap, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axes[1].set_title("Grad-CAM", fontsize=9)
+    for axis in axes[:2]:
+        axis.axis("off")
+    names = [name for name, _ in top][::-1]
+    axes[2].barh(range(len(top)), [p for _, p in top][::-1])
+    axes[2].set_yticks(range(len(top)), names, fontsize=8)
+    axes[2].set_xlim(0, 1)
+    axes[2].set_title("top classes", fontsize=9)
+    save_figure(figure, path)
