@@ -18,9 +18,9 @@ from tlapp.backbones import registry
 from tlapp.config import Config
 from tlapp.errors import UserInputError
 from tlapp.inference.runs import Run
-from tlapp.pipeline import folder, stages
+from tlapp.reporting import tracking
+from tlapp.pipeline import folder, rates, stages
 from tlapp.pipeline.plan import Splits, precision_policy, resolve_plan, scan_data
-from tlapp.training import head
 from tlapp.training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -57,20 +57,30 @@ def run(config: Config, resume: bool = False) -> Run:
     """Runs the whole pipeline for one config and returns the finished run.
 
     With resume=True, continues the interrupted run in `.OUT.partial/` from its last
-    checkpoint (see `resume_config`).
+    checkpoint (see `resume_config`). With config.track == "mlflow" the run is logged to
+    MLflow (`tlapp.reporting.tracking`).
     """
-    start = time.perf_counter()
     spec = registry.get_spec(config.backbone, config.preprocess)
-    cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     out = Path(config.out or folder.default_out(spec.name)).expanduser()
     temp = folder.prepare_out(out, resume)
+    with tracking.maybe_run(config.track == "mlflow", out.name,
+                            run_id_file=temp / "mlflow_run_id.txt") as tracker:
+        finished = _run(config, spec, out, temp, tracker)
+        if tracker:
+            tracker.log_params(tracking.params_of(finished.config.to_dict()))
+            tracker.log_metrics(finished.metrics)
+            tracker.log_run_folder(out)
+    return finished
+
+
+def _run(config: Config, spec, out: Path, temp: Path, tracker) -> Run:
+    start = time.perf_counter()
+    cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     scanned = scan_data(config, cache_dir)
     timings = {"scan_s": time.perf_counter() - start}
     with precision_policy(config.mixed_precision), contextlib.ExitStack() as closing:
         plan = resolve_plan(config, spec, scanned, cache_dir, out)
-        models = head.build_models(spec, plan.base, plan.cut, plan.classes, config.dropout,
-                                   plan.image_size,
-                                   bn_trainable=plan.cut is None or config.bn_trainable)
+        models = stages.build_models(plan)
         folder.write_run_files(temp, plan, scanned)
         stages.log_model(plan, models)
         splits = Splits.of(scanned)
@@ -79,21 +89,34 @@ def run(config: Config, resume: bool = False) -> Run:
         pca = cached_pca(config.augment, splits.paths["train"], splits.digests["train"],
                          plan.image_size, cache_dir)
         checkpoint = Checkpoint(temp / "checkpoints", models.full)
+        logger = tracker.epoch_logger if tracker else lambda stage: None
+        callbacks = [c for c in (logger(stages.stage_one_name(plan)),) if c]
         tick = time.perf_counter()
         if plan.live:
             features, cache_stats = None, {"extracted": 0, "reused": 0, "mode": "off"}
-            stages.train_live(plan, models, splits, checkpoint, temp / "logs", pca)
+            stages.adapt_live(plan, models, splits)
+            auto = rates.resolve_auto(plan, "head", splits, models.full, stages.image_loader(
+                plan, splits, "train", pca), True, temp)
+            stages.train_live(plan, models, splits, checkpoint, temp / "logs", pca, callbacks)
         else:
             loaders, cache_stats = stages.cached_features(plan, models, scanned, splits, pca,
                                                           closing)
             timings["extract_s"] = time.perf_counter() - tick
             tick = time.perf_counter()
-            features = stages.train_on_cache(plan, models, splits, loaders, checkpoint,
-                                             temp / "logs")
+            features = stages.adapt_cached(plan, models, splits, loaders)
+            auto = rates.resolve_auto(plan, "head", splits, models.train, loaders["train"],
+                                      False, temp)
+            stages.train_on_cache(plan, models, splits, loaders, features, checkpoint,
+                                  temp / "logs", callbacks)
         timings["train_s"] = time.perf_counter() - tick
         if config.fine_tune_epochs:
             tick = time.perf_counter()
-            stages.fine_tune(plan, models, splits, checkpoint, temp / "logs", pca)
+            stages.unfreeze(plan, models)
+            auto |= rates.resolve_auto(plan, "fine_tune", splits, models.full,
+                                       stages.image_loader(plan, splits, "train", pca), True,
+                                       temp)
+            stages.fine_tune(plan, models, splits, checkpoint, temp / "logs", pca,
+                             [c for c in (logger("fine_tune"),) if c])
             timings["fine_tune_s"] = time.perf_counter() - tick
             features = None  # the stem changed: evaluate on images
         results, probabilities = stages.evaluate_splits(plan, models, splits, features,
@@ -111,6 +134,7 @@ def run(config: Config, resume: bool = False) -> Run:
         "val": results["val"],
         "test": results["test"],
         "final_epoch": checkpoint.state["history"][-1] if checkpoint.state["history"] else {},
+        **({"lr_find": auto} if auto else {}),
         "timings": {k: round(v, 3) for k, v in timings.items()}
         | {"total_s": round(time.perf_counter() - start, 3)},
     }
