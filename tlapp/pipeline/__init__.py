@@ -22,6 +22,7 @@ from tlapp.reporting import tracking
 from tlapp.pipeline import folder, rates, stages
 from tlapp.pipeline.plan import Splits, precision_policy, resolve_plan, scan_data
 from tlapp.training.checkpoint import Checkpoint
+from tlapp.training.lr_find import MAX_LR, MIN_LR, STEPS, RangeTest
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,26 @@ def train(data: str | None = None, config: Config | None = None, **options) -> R
     values = config.to_dict() if config else {}
     values |= {"data": data} if data is not None else {}
     return run(config_lib.from_dict(values | options, "train"))
+
+
+def lr_find(data: str | None = None, config: Config | None = None, stage: str = "head",
+            plot: str | Path | None = "lr_find.png", steps: int = STEPS,
+            min_lr: float = MIN_LR, max_lr: float = MAX_LR, **options) -> RangeTest:
+    """The learning-rate range test: the Python equivalent of `tlapp lr-find`.
+
+    Args:
+        data, config, options: as for `train` (the settings of the stage tested).
+        stage: "head" (stage 1, on cached features) or "fine-tune".
+        plot: where the plot goes (None: no plot).
+        steps, min_lr, max_lr: the test's length and range.
+
+    Returns:
+        The test: `.suggestion`, `.minimum`, `.rates`, `.losses`, `.diverged`.
+    """
+    values = config.to_dict() if config else {}
+    values |= {"data": data} if data is not None else {}
+    return rates.find_lr(config_lib.from_dict(values | options, "lr_find"), stage, plot,
+                         steps, min_lr, max_lr)
 
 
 def resume_config(out: str | Path) -> Config:
