@@ -209,7 +209,9 @@ def tuned(tmp_path_factory):
     args = TUNED + ["--cache-dir", str(base / "cache")]
     made, real = [], fit.make_optimizer
     with pytest.MonkeyPatch.context() as patch:  # every optimizer the run makes
-        patch.setattr(fit, "make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+        spy = lambda *a: made.append(real(*a)) or made[-1]  # noqa: E731
+        patch.setattr(fit, "make_optimizer", spy)
+        patch.setattr(lr_find, "make_optimizer", spy)
         assert cli.main(["train", str(base / "data"), *args, "--out", str(base / "run")]) == 0
     return base, tlapp.load_run(base / "run"), made
 

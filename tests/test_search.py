@@ -192,21 +192,48 @@ def test_search_logs_a_parent_run_with_a_child_per_trial_to_mlflow(search):
     assert {"results.md", "results.csv", "best.toml", "plots"} <= artifacts
 
 
-def study_states(database: Path) -> list[tuple[int, str]]:
+def study_states(database: Path) -> list[tuple[int, str, int]]:
+    """(number, state, epochs reported) of each trial, read as another process would."""
     with contextlib.closing(sqlite3.connect(database, timeout=30)) as db:
         try:
-            return db.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+            return db.execute("SELECT number, state, (SELECT count(*) FROM "
+                              "trial_intermediate_values v WHERE v.trial_id = t.trial_id) "
+                              "FROM trials t ORDER BY number").fetchall()
         except sqlite3.OperationalError:  # not created yet
             return []
+
+
+def test_interrupted_trials_are_failed_and_their_parameters_queued_again(tmp_path):
+    from tlapp.search import results, space, study as study_lib
+
+    spec = space.parse_search({"method": "random", "lr": {"log": [1e-3, 1e-1]}}, {}, "t")
+    study = study_lib.open_study(spec, tmp_path / "study.db")
+    done = study.ask()
+    done.suggest_float("lr", 1e-3, 1e-1, log=True)
+    study.tell(done, 0.5)
+    killed = study.ask()  # left RUNNING, as by a SIGKILL mid-trial ...
+    lr = killed.suggest_float("lr", 1e-3, 1e-1, log=True)
+    study.ask()  # ... or right after it began, before drawing anything
+    study = study_lib.open_study(spec, tmp_path / "study.db")  # the next process
+    assert study_lib.recover_interrupted(study) == [1, 2]
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "FAIL", "FAIL", "WAITING"]
+    assert study_lib.counted(study) == 1  # interrupted trials do not use up the budget
+    retry = study.ask()
+    assert retry.number == 3 and retry.user_attrs == {"retry_of": 1}
+    assert spec.params[0].suggest(retry) == lr  # the same value again
+    rows = results.trial_rows(study, ["lr"])
+    assert [r["state"] for r in rows] == ["complete", "interrupted", "interrupted", "running"]
+    assert rows[1]["note"] == "process died; parameters tried again"
+    assert rows[2]["note"] == "process died before drawing its values"
 
 
 @pytest.mark.slow
 def test_search_killed_mid_trial_resumes_and_retries_that_trial(tmp_path, caplog):
     """SIGKILL while a trial runs: the rerun marks it failed, tries its parameters again
     first, and finishes the budget; finished trials are kept."""
-    path = write_file(tmp_path, 'method = "bayes"\ntrials = 3\nprune = false\n'
+    path = write_file(tmp_path, 'method = "bayes"\ntrials = 2\nprune = false\n'
                                 'lr = { log = [1e-3, 1e-1] }\n'
-                                'label_smoothing = { linear = [0.0, 0.2] }\n', epochs=12)
+                                'label_smoothing = { linear = [0.0, 0.2] }\n', epochs=8)
     database = tmp_path / "out" / "study.db"
     env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_HOME": str(tmp_path / "kh"),
                         "PYTHONPATH": str(Path(__file__).parent.parent)}
@@ -216,7 +243,9 @@ def test_search_killed_mid_trial_resumes_and_retries_that_trial(tmp_path, caplog
     try:
         while process.poll() is None:
             states = study_states(database) if database.exists() else []
-            if any(s == "COMPLETE" for _, s in states) and states[-1][1] == "RUNNING":
+            last = states[-1] if states else (0, "", 0)
+            if any(s == "COMPLETE" for _, s, _ in states) and last[1] == "RUNNING" \
+                    and last[2] >= 2:  # two epochs into a trial
                 process.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.05)
@@ -224,10 +253,10 @@ def test_search_killed_mid_trial_resumes_and_retries_that_trial(tmp_path, caplog
     finally:
         process.kill()
     killed = study_states(database)
-    done, running = [n for n, s in killed if s == "COMPLETE"], killed[-1][0]
+    done, running = [n for n, s, _ in killed if s == "COMPLETE"], killed[-1][0]
     assert killed[-1][1] == "RUNNING" and done
 
-    found = tlapp.search(path)
+    found = tlapp.run_search(path)
     import optuna
 
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{database}")
@@ -236,7 +265,7 @@ def test_search_killed_mid_trial_resumes_and_retries_that_trial(tmp_path, caplog
     retry = trials[running + 1]
     assert retry.user_attrs["retry_of"] == running and retry.params == trials[running].params
     assert [t.number for t in trials if t.state.name == "COMPLETE"][:len(done)] == done
-    assert sum(t.state.name == "COMPLETE" for t in trials) == 3 and len(trials) == 4
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 2 and len(trials) == 3
     assert "were interrupted" in caplog.text
     rows = read_rows(tmp_path / "out")
     assert rows[running]["state"] == "interrupted"

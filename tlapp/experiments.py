@@ -175,6 +175,8 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
     cache_dir = Path(base.pop("cache_dir", None) or config_lib.default_cache_dir())
     cache_dir = cache_dir.expanduser().resolve()
     planned = plan_runs(base, sweep, runs)
+    if any(run.values.get("track") == "mlflow" for run in planned):
+        tracking.import_mlflow()  # missing: say so before anything runs
     out.mkdir(parents=True, exist_ok=True)
     if path.resolve() != (out / "experiment.toml").resolve():
         shutil.copyfile(path, out / "experiment.toml")  # what the results came from

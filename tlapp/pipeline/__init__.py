@@ -83,6 +83,8 @@ def run(config: Config, resume: bool = False) -> Run:
     """
     spec = registry.get_spec(config.backbone, config.preprocess)
     out = Path(config.out or folder.default_out(spec.name)).expanduser()
+    if config.track == "mlflow":
+        tracking.import_mlflow()  # missing: say so before any folder is made
     temp = folder.prepare_out(out, resume)
     with tracking.maybe_run(config.track == "mlflow", out.name,
                             run_id_file=temp / "mlflow_run_id.txt") as tracker:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import numbers
 import os
 from pathlib import Path
 from typing import Iterator
@@ -78,7 +79,7 @@ class Tracker:
     def log_metrics(self, values: dict, step: int | None = None) -> None:
         """The numeric values of `values` (nested dicts flattened with '.')."""
         flat = {k: float(v) for k, v in _flatten(values).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                if isinstance(v, numbers.Real) and not isinstance(v, bool)}  # numpy's too
         if flat:
             self.mlflow.log_metrics(flat, step=step, run_id=self.run_id)
 
@@ -115,10 +116,12 @@ class Tracker:
         import numpy as np
 
         loaded = tf.saved_model.load(str(saved_model))
+        module = tf.Module()  # MLflow's flavour saves a tf.Module; this one holds the export
+        module.export = loaded
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(object), (-1,),
                                                              "images")]))
         info = self.mlflow.tensorflow.log_model(
-            loaded, name="saved_model", signature=signature,
+            module, name="saved_model", signature=signature,
             saved_model_kwargs={"signatures": dict(loaded.signatures)},
             pip_requirements=[f"tensorflow=={tf.__version__}"])
         return info.model_uri
@@ -131,8 +134,8 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         values = {f"{self.stage}/{k}": v for k, v in (logs or {}).items()}
-        values[f"{self.stage}/lr"] = keras.ops.convert_to_numpy(
-            self.model.optimizer.learning_rate)
+        values[f"{self.stage}/lr"] = float(keras.ops.convert_to_numpy(
+            self.model.optimizer.learning_rate))  # a 0-d array would not count as a number
         self.tracker.log_metrics(values, step=epoch + 1)
 
 
@@ -157,8 +160,9 @@ def mlflow_run(name: str, run_id_file: Path | None = None,
         if run_id_file is not None:
             Path(run_id_file).parent.mkdir(parents=True, exist_ok=True)
             Path(run_id_file).write_text(run.info.run_id + "\n")
-        log.info("mlflow: %s run %s (%s) in %s", "child" if parent else "run", name,
-                 run.info.run_id, mlflow.get_tracking_uri())
+        log.info("mlflow: logging %s%s (run id %s) to %s", name,
+                 " as a child run" if parent else "", run.info.run_id,
+                 mlflow.get_tracking_uri())
         yield Tracker(mlflow, run.info.run_id)
 
 

@@ -26,7 +26,9 @@ def trial_rows(study, names: list[str]) -> list[dict]:
             if trial.intermediate_values else None)
         note = trial.user_attrs.get("error", "")
         if trial.number in stopped:
-            state, note = "interrupted", "process died; parameters tried again"
+            state = "interrupted"
+            note = "process died; parameters tried again" if trial.params else \
+                "process died before drawing its values"
         elif "retry_of" in trial.user_attrs:
             note = f"retry of trial {trial.user_attrs['retry_of']}"
         rows.append({"trial": trial.number, "state": state,

@@ -2,6 +2,7 @@
 pruning, resume, the best configuration's one evaluation on the test split."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -76,7 +77,9 @@ def run_search(path: str | Path, out: str | Path | None = None) -> SearchResult:
     base["cache_dir"] = str(cache_dir.expanduser().resolve())
     names = [p.name for p in spec.params]
     study_lib.import_optuna()
-    with study_lib.search_lock(out):
+    if base.get("track") == "mlflow":
+        tracking.import_mlflow()  # missing: say so before the folder is made
+    with study_lib.search_lock(out), _quiet_retracing():
         write_text(out / "experiment.toml", path.read_text()) \
             if path.resolve() != (out / "experiment.toml").resolve() else None
         study = study_lib.open_study(spec, out / "study.db")
@@ -97,6 +100,8 @@ def run_search(path: str | Path, out: str | Path | None = None) -> SearchResult:
                 with TrialRunner(config_lib.from_dict(base, str(path))) as runner:
                     while study_lib.counted(study) < spec.trials:
                         _run_trial(study, spec, base, runner, out, tracker)
+                with contextlib.suppress(OSError):  # empty unless a trial kept a plot
+                    (out / "trials").rmdir()
             return _finish(study, spec, base, out, names, tracker)
 
 
@@ -172,6 +177,21 @@ class PruningReporter(keras.callbacks.Callback):
         self.trial.report(self.last, step=self.epochs)
         if self.trial.should_prune():
             raise TrialPruned(f"pruned after epoch {self.epochs}")
+
+
+@contextlib.contextmanager
+def _quiet_retracing():
+    """Every trial builds and compiles a new head, which TensorFlow warns about ("triggered
+    tf.function retracing") from the fifth on: expected here, so not shown."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+    logger = logging.getLogger("tensorflow")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _describe(params: dict) -> str:

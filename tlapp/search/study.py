@@ -95,11 +95,13 @@ def recover_interrupted(study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.set_user_attr("interrupted", interrupted(study) + [trial.number])
         study.tell(trial.number, state=TrialState.FAIL)
+        numbers.append(trial.number)
+        if not trial.params:  # died before drawing any value: nothing to try again
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # enqueue_trial is "experimental" in some versions
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number},
                                 skip_if_exists=False)
-        numbers.append(trial.number)
     return numbers
 
 
