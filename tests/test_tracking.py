@@ -40,25 +40,43 @@ def test_params_and_nested_metrics_are_flattened():
         {"val.accuracy": 1.0, "val.per_class.cat": 0.5}
 
 
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after the raise runs."""
+
+
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    """A run with both stages logged to a SQLite store named by MLFLOW_TRACKING_URI."""
+    """A run with both stages logged to a SQLite store named by MLFLOW_TRACKING_URI, killed
+    after its first epoch and resumed from the command line."""
+    from tlapp.training import checkpoint
+
     base = tmp_path_factory.mktemp("tracked")
     make_folder(base / "data", per_class=6)
     uri = f"sqlite:///{base / 'store' / 'mlflow.db'}"
     (base / "store").mkdir()
+    real_save = checkpoint.Checkpoint.save
+
+    def save_then_die(self, state):
+        real_save(self, state)
+        if state["epoch"] == 1:
+            raise Killed()
+
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(base)  # where MLflow puts artifacts of a store given by URI
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        run = tlapp.train(str(base / "data"), backbone="vgg16", weights="none", image_size=32,
-                          batch_size=4, epochs=2, fine_tune_epochs=1, track="mlflow",
-                          cache_dir=str(base / "cache"), out=str(base / "run"))
+        patch.setattr(checkpoint.Checkpoint, "save", save_then_die)
+        with pytest.raises(Killed):
+            tlapp.train(str(base / "data"), backbone="vgg16", weights="none", image_size=32,
+                        batch_size=4, epochs=2, fine_tune_epochs=1, track="mlflow",
+                        cache_dir=str(base / "cache"), out=str(base / "run"))
+        patch.setattr(checkpoint.Checkpoint, "save", real_save)
+        assert cli.main(["train", "--resume", str(base / "run")]) == 0
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("tlapp")
     runs = client.search_runs([experiment.experiment_id])
-    return base, run, client, experiment, runs
+    return base, tlapp.load_run(base / "run"), client, experiment, runs
 
 
 @pytest.mark.slow
@@ -123,35 +141,8 @@ def test_run_logs_the_run_folder_and_the_savedmodel(tracked):
 
 
 @pytest.mark.slow
-def test_resumed_run_logs_into_the_same_mlflow_run(tmp_path, monkeypatch):
-    """A run killed mid-training and resumed continues the MLflow run it started."""
-    from mlflow.tracking import MlflowClient
-    from tlapp.training import checkpoint
-
-    class Killed(BaseException):
-        pass
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    make_folder(tmp_path / "data", per_class=4)
-    real_save = checkpoint.Checkpoint.save
-
-    def save_then_die(self, state):
-        real_save(self, state)
-        if state["epoch"] == 1:
-            raise Killed()
-
-    monkeypatch.setattr(checkpoint.Checkpoint, "save", save_then_die)
-    args = ["train", str(tmp_path / "data"), "--backbone", "vgg16", "--weights", "none",
-            "--image-size", "32", "--batch-size", "4", "--epochs", "2", "--cache-dir",
-            str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--track", "mlflow"]
-    with pytest.raises(Killed):
-        cli.main(args)
-    monkeypatch.setattr(checkpoint.Checkpoint, "save", real_save)
-    assert cli.main(["train", "--resume", str(tmp_path / "run")]) == 0
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tlapp").experiment_id])
+def test_resumed_run_logs_into_the_mlflow_run_it_started(tracked):
+    _, _, client, _, runs = tracked
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "head/loss")]
-    assert steps == [1, 2]
-    assert "test_accuracy" in runs[0].data.metrics
+    assert steps == [1, 2]  # epoch 1 before the kill, epoch 2 after the resume
