@@ -60,6 +60,18 @@ def test_range_test_stops_when_a_too_high_rate_diverges_and_restores_the_weights
         np.testing.assert_array_equal(old, new)
 
 
+def test_a_loss_still_falling_at_the_end_is_warned_about(caplog):
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(64, 4)).astype("float32"))
+    y = tf.one_hot((x[:, 0] > 0).numpy().astype(int), 2)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    test = lr_find.range_test(model, settings(), 64,
+                              lambda i, epoch: (tf.gather(x, i), tf.gather(y, i)),
+                              min_lr=1e-3, max_lr=1e-1, steps=40)
+    assert not test.diverged and test.minimum == test.rates[-1]
+    assert "the loss was still falling at the last rate tried" in caplog.text
+
+
 # --- schedules and weight decay --------------------------------------------------------
 
 

@@ -117,4 +117,8 @@ def range_test(model: keras.Model, settings: Settings, n_train: int, loader: Cal
     log.info("lr range test: %d steps from %.1e to %.1e%s; lowest smoothed loss at %.2e, "
              "suggested rate %.2e", len(rates), rates[0], rates[-1],
              " (stopped: the loss diverged)" if diverged else "", minimum, suggestion)
+    if not diverged and minimum == rates[-1]:
+        log.warning("lr range test: the loss was still falling at the last rate tried "
+                    "(%.1e), so the suggestion is only a tenth of the range's end; look at "
+                    "the plot, or raise the maximum rate (--max-lr)", rates[-1])
     return RangeTest(rates, losses, smoothed, float(suggestion), float(minimum), diverged)
