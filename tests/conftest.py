@@ -7,6 +7,7 @@ import urllib.error
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests make no network request
 
 import numpy as np
 import pytest

@@ -24,7 +24,7 @@ LAYERS = [
     ("training", ["tlapp.training"]),
     ("inference", ["tlapp.inference"]),
     ("pipeline", ["tlapp.pipeline"]),
-    ("entry points", ["tlapp.experiments", "tlapp.demo"]),
+    ("entry points", ["tlapp.experiments", "tlapp.search", "tlapp.demo"]),
     ("command line", ["tlapp.cli", "tlapp.__main__"]),
 ]
 

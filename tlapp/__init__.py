@@ -1,7 +1,7 @@
 """tlapp: transfer learning for image folders with Keras 3 on TensorFlow.
 
-Public API: train, evaluate, predict, export, load_run, Config. They are loaded on first
-use, so `import tlapp` (and `tlapp --help`) does not wait for TensorFlow.
+Public API: train, lr_find, run_search, evaluate, predict, export, load_run, Config. They
+are loaded on first use, so `import tlapp` (and `tlapp --help`) does not wait for TensorFlow.
 """
 import importlib
 
@@ -11,6 +11,8 @@ _API = {
     "UserInputError": ("tlapp.errors", "UserInputError"),
     "Run": ("tlapp.inference.runs", "Run"),
     "train": ("tlapp.pipeline", "train"),
+    "lr_find": ("tlapp.pipeline", "lr_find"),
+    "run_search": ("tlapp.search.runner", "run_search"),
     "evaluate": ("tlapp.inference.evaluate", "evaluate_run"),
     "predict": ("tlapp.inference.runs", "predict"),
     "load_run": ("tlapp.inference.runs", "load_run"),

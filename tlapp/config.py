@@ -21,6 +21,8 @@ from tlapp.augment.spec import parse_spec
 from tlapp.constants import DEFAULT_MAX_PIXELS
 from tlapp.errors import UserInputError
 
+AUTO = "auto"  # lr / fine_tune_lr: chosen by the learning-rate range test
+
 
 def setting(default: Any, help: str, choices: tuple | None = None, metavar: str | None = None,
             flag: bool = True) -> Any:
@@ -54,7 +56,9 @@ class Config:
                                            "backbone's own", metavar="N")
     epochs: int = setting(10, "training epochs of stage 1", metavar="N")
     batch_size: int = setting(32, "batch size", metavar="N")
-    lr: float = setting(1e-3, "learning rate", metavar="X")
+    lr: float | str = setting(1e-3, "learning rate, or auto: run the learning-rate range "
+                                    "test first and train with its suggestion (recorded "
+                                    "in config.toml)", metavar="X|auto")
     dropout: float = setting(0.2, "dropout before the softmax layer", metavar="X")
     cache: str = setting("on", "on: stage 1 trains on cached activations; off: the frozen stem "
                                "runs on every image every step", choices=("on", "off"))
@@ -66,8 +70,16 @@ class Config:
     cache_shard_mb: int = setting(64, "size bound of one cache shard in MiB", metavar="MB")
     optimizer: str = setting("adam", "adam, sgd (momentum 0.9, Nesterov) or adamw",
                              choices=("adam", "sgd", "adamw"))
-    lr_schedule: str = setting("constant", "constant, cosine or plateau (reduce on plateau)",
-                               choices=("constant", "cosine", "plateau"))
+    weight_decay: float | None = setting(None, "decoupled weight decay of the optimizer "
+                                               "(default 1e-4 for adamw, none for adam and "
+                                               "sgd)", metavar="X")
+    lr_schedule: str = setting("constant", "constant, cosine, plateau (reduce on plateau) or "
+                                           "onecycle (lr/25 up to lr, then cosine down to "
+                                           "~0)", choices=("constant", "cosine", "plateau",
+                                                           "onecycle"))
+    warmup_epochs: int = setting(0, "raise the learning rate linearly from 0 over the first "
+                                    "N epochs of each stage, then follow the schedule; with "
+                                    "onecycle, N epochs of its rise", metavar="N")
     label_smoothing: float = setting(0.0, "label smoothing in [0, 1)", metavar="X")
     early_stopping: int = setting(0, "stop after N epochs without a lower val loss and keep "
                                      "the best weights; 0 = off", metavar="N")
@@ -76,8 +88,9 @@ class Config:
     fine_tune_blocks: int = setting(1, "stage 2 unfreezes N more blocks", metavar="N")
     fine_tune_cut: str | None = setting(None, "or: stage 2 unfreezes everything above this "
                                               "layer", metavar="LAYER")
-    fine_tune_lr: float | None = setting(None, "stage 2 learning rate (default lr / 10)",
-                                         metavar="X")
+    fine_tune_lr: float | str | None = setting(
+        None, "stage 2 learning rate (default lr / 10), or auto: a range test on the "
+              "fine-tuning stage picks it", metavar="X|auto")
     bn_trainable: bool = setting(False, "let BatchNormalization layers train (default: "
                                         "frozen, inference mode)")
     mixed_precision: bool = setting(False, "mixed_float16 compute (GPU speed-up; works but "
@@ -127,6 +140,10 @@ class Config:
               "validation split so that --keep of its images are kept", metavar="P|auto")
     keep: float = setting(0.95, "with --reject-below auto: the share of in-distribution "
                                 "(validation) images to keep", metavar="X")
+    track: str = setting("none", "none, or mlflow: log parameters, metrics and artifacts to "
+                                 "MLflow ($MLFLOW_TRACKING_URI, else mlruns/ in the current "
+                                 "folder; pip install \"tlapp[mlflow]\")",
+                         choices=("none", "mlflow"))
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))
@@ -224,7 +241,7 @@ def validate(config: Config) -> Config:
 
     check(config.epochs >= 1, "epochs", "at least 1")
     check(config.batch_size >= 1, "batch_size", "at least 1")
-    check(config.lr > 0, "lr", "positive")
+    check(is_rate(config.lr), "lr", "a positive number or 'auto'")
     check(0 <= config.dropout < 1, "dropout", "in [0, 1)")
     check(0 <= config.val_fraction < 1, "val_fraction", "in [0, 1)")
     check(0 <= config.test_fraction < 1, "test_fraction", "in [0, 1)")
@@ -247,7 +264,11 @@ def validate(config: Config) -> Config:
     check(config.early_stopping >= 0, "early_stopping", "0 (off) or more")
     check(config.fine_tune_epochs >= 0, "fine_tune_epochs", "0 or more")
     check(config.fine_tune_blocks >= 1, "fine_tune_blocks", "at least 1")
-    check(config.fine_tune_lr is None or config.fine_tune_lr > 0, "fine_tune_lr", "positive")
+    check(config.fine_tune_lr is None or is_rate(config.fine_tune_lr), "fine_tune_lr",
+          "a positive number or 'auto'")
+    check(config.warmup_epochs >= 0, "warmup_epochs", "0 (off) or more")
+    check(config.weight_decay is None or config.weight_decay >= 0, "weight_decay",
+          "0 or more")
     if config.trainable_blocks == "all" and config.fine_tune_epochs:
         raise UserInputError("trainable_blocks='all' already trains every layer; fine-tuning "
                              f"has nothing to unfreeze. Received: fine_tune_epochs="
@@ -272,6 +293,13 @@ def validate(config: Config) -> Config:
     if config.augment is not None:  # stored in canonical form, every value explicit
         config = dataclasses.replace(config, augment=str(parse_spec(config.augment)) or None)
     return config
+
+
+def is_rate(value: Any) -> bool:
+    """A learning rate setting: a positive number, or "auto" (the range test picks it)."""
+    if isinstance(value, str):
+        return value == AUTO
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _toml_value(value: Any) -> str:

@@ -33,6 +33,7 @@ import keras
 from tlapp import config as config_lib, pipeline
 from tlapp.errors import UserInputError
 from tlapp.files import write_text
+from tlapp.reporting import tracking
 from tlapp.reporting.plots import plot_results
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def _check_keys(values: dict, where: str, allowed: tuple[str, ...] = (),
     for key, value in values.items():
         if isinstance(value, dict):
             raise UserInputError(f"{where}: unknown table [{key}]. An experiment file has "
-                                 f"base settings, [sweep] and [[runs]].")
+                                 f"base settings, [sweep] and [[runs]] (or [search]).")
         if key not in config_lib.FIELDS and key not in allowed:
             raise UserInputError(f"{where}: unknown key '{key}'. Valid keys: "
                                  f"{', '.join(sorted(config_lib.FIELDS))}.")
@@ -174,6 +175,8 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
     cache_dir = Path(base.pop("cache_dir", None) or config_lib.default_cache_dir())
     cache_dir = cache_dir.expanduser().resolve()
     planned = plan_runs(base, sweep, runs)
+    if any(run.values.get("track") == "mlflow" for run in planned):
+        tracking.import_mlflow()  # missing: say so before anything runs
     out.mkdir(parents=True, exist_ok=True)
     if path.resolve() != (out / "experiment.toml").resolve():
         shutil.copyfile(path, out / "experiment.toml")  # what the results came from
@@ -181,23 +184,26 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
     result = ExperimentResult(out, keys, [])
     log.info("experiment: %d runs in %s, feature cache %s", len(planned), out, cache_dir)
     scans: dict = {}  # one scan per data folder and split settings, shared by its runs
-    for number, run in enumerate(planned, 1):
-        folder = out / run.name
-        row = {"run": run.name, **{k: "" if run.settings[k] is None else run.settings[k]
-                                   for k in keys}}
-        if (folder / "metrics.json").is_file():
-            row |= _metrics_row(json.loads((folder / "metrics.json").read_text()), "skipped")
-            log.info("experiment: run %d/%d %s: finished earlier, skipped (delete %s to run "
-                     "it again)", number, len(planned), run.name, folder)
-            changed = _changed_settings(folder, run.values)
-            if changed:
-                log.warning("experiment: note: %s was trained with %s; the file now says "
-                            "otherwise", run.name, changed)
-        else:
-            log.info("experiment: run %d/%d %s", number, len(planned), run.name)
-            row |= _train(run, folder, cache_dir, result, scans)
-        result.rows.append(row)
-        write_results(result)
+    with tracking.maybe_run(base.get("track") == "mlflow", out.name,  # runs log as children
+                            run_id_file=out / "mlflow_run_id.txt"):
+        for number, run in enumerate(planned, 1):
+            folder = out / run.name
+            row = {"run": run.name, **{k: "" if run.settings[k] is None else run.settings[k]
+                                       for k in keys}}
+            if (folder / "metrics.json").is_file():
+                metrics = json.loads((folder / "metrics.json").read_text())
+                row |= _metrics_row(metrics, "skipped")
+                log.info("experiment: run %d/%d %s: finished earlier, skipped (delete %s to "
+                         "run it again)", number, len(planned), run.name, folder)
+                changed = _changed_settings(folder, run.values)
+                if changed:
+                    log.warning("experiment: note: %s was trained with %s; the file now says "
+                                "otherwise", run.name, changed)
+            else:
+                log.info("experiment: run %d/%d %s", number, len(planned), run.name)
+                row |= _train(run, folder, cache_dir, result, scans)
+            result.rows.append(row)
+            write_results(result)
     plot_results(result.rows, out / "plots" / "results.png")
     counts = {s: sum(r["status"] == s for r in result.rows)
               for s in ("trained", "skipped", "failed")}

@@ -14,11 +14,16 @@ log = logging.getLogger("tlapp")
 
 def add_parsers(commands) -> None:
     experiment = commands.add_parser(
-        "experiment", help="run a sweep of training runs from a TOML file",
+        "experiment", help="run a sweep or a hyperparameter search from a TOML file",
         description="Base settings plus a [sweep] table of lists (every combination) and/or "
                     "[[runs]] entries. Runs share one feature cache; finished runs are "
                     "skipped on a rerun; a failed run is recorded and the others continue. "
-                    "Writes OUT/<run>/, OUT/results.csv, OUT/results.md, OUT/plots/results.png.")
+                    "Writes OUT/<run>/, OUT/results.csv, OUT/results.md, OUT/plots/results.png. "
+                    "Or base settings plus a [search] table (method, trials, ranges; README "
+                    "'Hyperparameter search'): trials on the shared cache, compared on "
+                    "validation accuracy, resumed on a rerun; the best configuration is "
+                    "trained once more and evaluated on the test split (OUT/best-trial-N/, "
+                    "OUT/best.toml).")
     experiment.add_argument("config", metavar="CONFIG.toml", help="experiment file")
     experiment.add_argument("--out", help="experiment folder (default: 'out' in the file, "
                                           "else models/experiments/<file name>)")
@@ -72,6 +77,18 @@ def add_parsers(commands) -> None:
 
 
 def cmd_experiment(args) -> int:
+    if "search" in config_lib.read_toml(args.config):
+        from tlapp.search import results, runner
+
+        found = runner.run_search(args.config, out=args.out)
+        print(results.results_table(found.rows, [p.name for p in found.spec.params]))
+        if found.best is not None:
+            test = found.test_accuracy
+            print(f"\nbest: trial {found.best['trial']}, val accuracy "
+                  f"{100 * found.best['val_accuracy']:.1f}%; test accuracy of the best "
+                  f"configuration (evaluated once, {found.best_run}): "
+                  + ("n/a" if test is None else f"{100 * test:.1f}%"))
+        return found.exit_status
     from tlapp import experiments
 
     result = experiments.run_experiment(args.config, out=args.out)

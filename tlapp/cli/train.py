@@ -10,7 +10,7 @@ from tlapp import config as config_lib
 
 def number_or(word: str, kind: type):
     """An argparse type for flags that take a number or one word: --trainable-blocks
-    (a whole number or 'all'), --reject-below (a probability or 'auto')."""
+    (a whole number or 'all'), --lr and --reject-below (a number or 'auto')."""
     def parse(text: str):
         if text == word:
             return text
@@ -26,13 +26,14 @@ blocks = number_or("all", int)
 number_or_auto = number_or("auto", float)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """One flag per Config field: --name-with-dashes, typed, with its help and default.
 
-    Defaults stay None here, so that only the flags given override a --config file."""
+    Defaults stay None here, so that only the flags given override a --config file.
+    `exclude` names fields a command has no use for."""
     for field in dataclasses.fields(config_lib.Config):
         meta = field.metadata
-        if not meta["flag"]:
+        if not meta["flag"] or field.name in exclude:
             continue
         flag = "--" + field.name.replace("_", "-")
         types = config_lib.field_types(field.name)
@@ -42,8 +43,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=text)
             continue
-        kind = blocks if types == (int, str) else number_or_auto if types == (float, str) \
-            else types[0]
+        kind = {(int, str): blocks, (float, str): number_or_auto}.get(types, types[0])
         # Choices are checked by Config, whose message names the key and the value received.
         metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else \
             meta["metavar"] or "VALUE"
@@ -65,6 +65,39 @@ def add_parsers(commands) -> None:
                        "--out was RUN from its last checkpoint (other flags are ignored)")
     train.set_defaults(func=cmd_train)
 
+    finder = commands.add_parser(
+        "lr-find", help="learning-rate range test: suggest a rate and plot loss against rate",
+        description="Train for a few hundred steps while the learning rate grows "
+                    "exponentially (stopping when the loss diverges), print the suggested "
+                    "rate (a tenth of the rate at the lowest smoothed loss) and write a plot. "
+                    "Stage 1 runs on cached features (extracting only what the cache lacks); "
+                    "--stage fine-tune trains stage 1 first, then tests the fine-tuning stage "
+                    "on images. Takes every flag of 'tlapp train'.")
+    finder.add_argument("data", nargs="?", metavar="DATA",
+                        help=config_lib.FIELDS["data"].metadata["help"])
+    finder.add_argument("--config", metavar="FILE.toml", help="TOML file of settings")
+    finder.add_argument("--stage", default="head", choices=["head", "fine-tune"],
+                        help="head: stage 1 (default); fine-tune: the fine-tuning stage")
+    finder.add_argument("--steps", type=int, default=200, metavar="N",
+                        help="steps of the test at most (default 200)")
+    finder.add_argument("--min-lr", type=float, default=1e-7, metavar="X",
+                        help="first rate (default 1e-7)")
+    finder.add_argument("--max-lr", type=float, default=10.0, metavar="X",
+                        help="last rate (default 10)")
+    finder.add_argument("--plot", default="lr_find.png", metavar="PNG",
+                        help="plot to write (default lr_find.png)")
+    add_config_flags(finder, exclude=("out", "track"))
+    finder.set_defaults(func=cmd_lr_find)
+
+
+def config_from_args(args) -> config_lib.Config:
+    """A --config file, DATA and the flags given (which override the file)."""
+    values = config_lib.load_toml(args.config) if args.config else {}
+    if args.data is not None:
+        values["data"] = args.data
+    values |= {k: v for k, v in vars(args).items() if k in config_lib.FIELDS and v is not None
+               and k != "data"}
+    return config_lib.from_dict(values, args.config or "command line")
 
 
 def cmd_train(args) -> int:
@@ -73,10 +106,17 @@ def cmd_train(args) -> int:
     if args.resume:
         pipeline.run(pipeline.resume_config(args.resume), resume=True)
         return 0
-    values = config_lib.load_toml(args.config) if args.config else {}
-    if args.data is not None:
-        values["data"] = args.data
-    values |= {k: v for k, v in vars(args).items() if k in config_lib.FIELDS and v is not None
-               and k != "data"}
-    pipeline.run(config_lib.from_dict(values, args.config or "command line"))
+    pipeline.run(config_from_args(args))
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from tlapp.pipeline import rates
+
+    test = rates.find_lr(config_from_args(args), args.stage, args.plot, args.steps,
+                         args.min_lr, args.max_lr)
+    print(f"suggested learning rate: {test.suggestion:.3g}")
+    print(f"(lowest smoothed loss at {test.minimum:.3g}; {len(test.rates)} steps from "
+          f"{test.rates[0]:.3g} to {test.rates[-1]:.3g}"
+          f"{', stopped when the loss diverged' if test.diverged else ''}; plot: {args.plot})")
     return 0

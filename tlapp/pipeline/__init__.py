@@ -19,10 +19,11 @@ from tlapp.config import Config
 from tlapp.errors import UserInputError
 from tlapp.files import disk_full, is_disk_full
 from tlapp.inference.runs import Run
-from tlapp.pipeline import folder, stages
+from tlapp.reporting import tracking
+from tlapp.pipeline import folder, rates, stages
 from tlapp.pipeline.plan import Splits, precision_policy, resolve_plan, scan_data
-from tlapp.training import head
 from tlapp.training.checkpoint import Checkpoint
+from tlapp.training.lr_find import MAX_LR, MIN_LR, STEPS, RangeTest
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,26 @@ def train(data: str | None = None, config: Config | None = None, **options) -> R
     return run(config_lib.from_dict(values | options, "train"))
 
 
+def lr_find(data: str | None = None, config: Config | None = None, stage: str = "head",
+            plot: str | Path | None = "lr_find.png", steps: int = STEPS,
+            min_lr: float = MIN_LR, max_lr: float = MAX_LR, **options) -> RangeTest:
+    """The learning-rate range test: the Python equivalent of `tlapp lr-find`.
+
+    Args:
+        data, config, options: as for `train` (the settings of the stage tested).
+        stage: "head" (stage 1, on cached features) or "fine-tune".
+        plot: where the plot goes (None: no plot).
+        steps, min_lr, max_lr: the test's length and range.
+
+    Returns:
+        The test: `.suggestion`, `.minimum`, `.rates`, `.losses`, `.diverged`.
+    """
+    values = config.to_dict() if config else {}
+    values |= {"data": data} if data is not None else {}
+    return rates.find_lr(config_lib.from_dict(values | options, "lr_find"), stage, plot,
+                         steps, min_lr, max_lr)
+
+
 def resume_config(out: str | Path) -> Config:
     """The config of an interrupted run whose --out was `out`."""
     out = Path(out).expanduser()
@@ -59,14 +80,25 @@ def run(config: Config, resume: bool = False, scans: dict | None = None) -> Run:
 
     With resume=True, continues the interrupted run in `.OUT.partial/` from its last
     checkpoint (see `resume_config`). `scans`: scans shared by several runs (an experiment
-    passes the same dict to each): the folder is scanned once per split setting.
+    passes the same dict to each): the folder is scanned once per split setting. With
+    config.track == "mlflow" the run is logged to MLflow (`tlapp.reporting.tracking`).
     """
     spec = registry.get_spec(config.backbone, config.preprocess)
     out = Path(config.out or folder.default_out(spec.name)).expanduser()
     folder.check_out(out)
+    if config.track == "mlflow":
+        tracking.import_mlflow()  # missing: say so before any folder is made
     with folder.run_lock(out):
         try:
-            return _run(config, spec, out, resume, scans)
+            temp = folder.prepare_out(out, resume)
+            with tracking.maybe_run(config.track == "mlflow", out.name,
+                                    run_id_file=temp / "mlflow_run_id.txt") as tracker:
+                finished = _run(config, spec, out, temp, tracker, scans)
+                if tracker:
+                    tracker.log_params(tracking.params_of(finished.config.to_dict()))
+                    tracker.log_metrics(finished.metrics)
+                    tracker.log_run_folder(out)
+            return finished
         except OSError as e:
             if is_disk_full(e):
                 raise disk_full(out.parent, "the run folder", (
@@ -76,18 +108,14 @@ def run(config: Config, resume: bool = False, scans: dict | None = None) -> Run:
             raise
 
 
-def _run(config: Config, spec, out: Path, resume: bool, scans: dict | None) -> Run:
+def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | None) -> Run:
     start = time.perf_counter()
     cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
-    temp = folder.prepare_out(out, resume)
     scanned = scan_data(config, cache_dir, scans)
     timings = {"scan_s": time.perf_counter() - start}
     with precision_policy(config.mixed_precision), contextlib.ExitStack() as closing:
         plan = resolve_plan(config, spec, scanned, cache_dir, out)
-        models = head.build_models(spec, plan.base, plan.cut, plan.classes, config.dropout,
-                                   plan.image_size,
-                                   bn_trainable=plan.cut is None or config.bn_trainable,
-                                   multi_label=config.multi_label)
+        models = stages.build_models(plan)
         folder.write_run_files(temp, plan, scanned)
         stages.log_model(plan, models)
         splits = Splits.of(scanned)
@@ -96,21 +124,34 @@ def _run(config: Config, spec, out: Path, resume: bool, scans: dict | None) -> R
         pca = cached_pca(config.augment, splits.paths["train"], splits.digests["train"],
                          plan.image_size, cache_dir)
         checkpoint = Checkpoint(temp / "checkpoints", models.full)
+        logger = tracker.epoch_logger if tracker else lambda stage: None
+        callbacks = [c for c in (logger(stages.stage_one_name(plan)),) if c]
         tick = time.perf_counter()
         if plan.live:
             features, cache_stats = None, {"extracted": 0, "reused": 0, "mode": "off"}
-            stages.train_live(plan, models, splits, checkpoint, temp / "logs", pca)
+            stages.adapt_live(plan, models, splits)
+            auto = rates.resolve_auto(plan, "head", splits, models.full, stages.image_loader(
+                plan, splits, "train", pca), True, temp)
+            stages.train_live(plan, models, splits, checkpoint, temp / "logs", pca, callbacks)
         else:
             loaders, cache_stats = stages.cached_features(plan, models, scanned, splits, pca,
                                                           closing)
             timings["extract_s"] = time.perf_counter() - tick
             tick = time.perf_counter()
-            features = stages.train_on_cache(plan, models, splits, loaders, checkpoint,
-                                             temp / "logs")
+            features = stages.adapt_cached(plan, models, splits, loaders)
+            auto = rates.resolve_auto(plan, "head", splits, models.train, loaders["train"],
+                                      False, temp)
+            stages.train_on_cache(plan, models, splits, loaders, features, checkpoint,
+                                  temp / "logs", callbacks)
         timings["train_s"] = time.perf_counter() - tick
         if config.fine_tune_epochs:
             tick = time.perf_counter()
-            stages.fine_tune(plan, models, splits, checkpoint, temp / "logs", pca)
+            stages.unfreeze(plan, models)
+            auto |= rates.resolve_auto(plan, "fine_tune", splits, models.full,
+                                       stages.image_loader(plan, splits, "train", pca), True,
+                                       temp)
+            stages.fine_tune(plan, models, splits, checkpoint, temp / "logs", pca,
+                             [c for c in (logger("fine_tune"),) if c])
             timings["fine_tune_s"] = time.perf_counter() - tick
             features = None  # the stem changed: evaluate on images
         results, probabilities = stages.evaluate_splits(plan, models, splits, features,
@@ -131,6 +172,7 @@ def _run(config: Config, spec, out: Path, resume: bool, scans: dict | None) -> R
         **({"calibration": {k: v for k, v in results["calibration"].items() if k != "curves"},
             "reject": results["reject"]} if "calibration" in results else {}),
         "final_epoch": checkpoint.state["history"][-1] if checkpoint.state["history"] else {},
+        **({"lr_find": auto} if auto else {}),
         "timings": {k: round(v, 3) for k, v in timings.items()}
         | {"total_s": round(time.perf_counter() - start, 3)},
     }

@@ -109,10 +109,12 @@ def precision_policy(mixed: bool):
 
 
 def resolve_plan(config: Config, spec: BackboneSpec, scanned: ScannedData, cache_dir: Path,
-                 out: Path) -> Plan:
-    """Builds the backbone and turns every "resolve a default" of the config into a value."""
+                 out: Path, base: keras.Model | None = None) -> Plan:
+    """Builds the backbone (or takes `base`, one built for the same backbone, weights, size
+    and seed) and turns every "resolve a default" of the config into a value."""
     image_size = config.image_size or spec.default_size
-    base = registry.build_backbone(spec, config.weights, image_size, config.seed)
+    if base is None:
+        base = registry.build_backbone(spec, config.weights, image_size, config.seed)
     cut = cuts.resolve_cut(spec, base, config.cut, config.trainable_blocks)
     scratch = cut == cuts.INPUT_CUT  # every layer trains, on images
     cut = None if scratch else cut

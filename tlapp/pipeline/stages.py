@@ -28,13 +28,22 @@ log = logging.getLogger(__name__)
 
 
 def settings(plan: Plan, splits: Splits) -> fit.Settings:
+    """Stage 1's fit settings (lr may still be "auto" for the range test)."""
     config = plan.config
     return fit.Settings(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
         optimizer=config.optimizer, lr_schedule=config.lr_schedule,
+        warmup_epochs=config.warmup_epochs, weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing, early_stopping=config.early_stopping,
         jit=config.jit, class_weight=class_weights(config, splits, plan.classes),
         multi_label=config.multi_label)
+
+
+def fine_tune_settings(plan: Plan, splits: Splits) -> fit.Settings:
+    """Stage 2's: its epochs, and its rate (default a tenth of stage 1's)."""
+    config = plan.config
+    return dataclasses.replace(settings(plan, splits), epochs=config.fine_tune_epochs,
+                               lr=config.fine_tune_lr or config.lr / 10)
 
 
 def class_weights(config: Config, splits: Splits, classes: int) -> dict[int, float] | None:
@@ -57,6 +66,16 @@ def val_images(plan: Plan, splits: Splits):
                                     plan.config.batch_size, parallel=True)
 
 
+def build_models(plan: Plan) -> head.Models:
+    """The stem, training and full models around the plan's backbone. The head's initial
+    weights come from the seed, whether the backbone was built just now or reused."""
+    keras.utils.set_random_seed(plan.config.seed)
+    return head.build_models(plan.spec, plan.base, plan.cut, plan.classes, plan.config.dropout,
+                             plan.image_size,
+                             bn_trainable=plan.cut is None or plan.config.bn_trainable,
+                             multi_label=plan.config.multi_label)
+
+
 def log_model(plan: Plan, models: head.Models) -> None:
     trains = "every layer trains (from scratch)" if plan.cut is None else \
         f"frozen up to '{plan.cut}'"
@@ -66,18 +85,26 @@ def log_model(plan: Plan, models: head.Models) -> None:
              plan.config.weights, trains, f"{trainable_params(models.train):,}", where)
 
 
-def train_live(plan: Plan, models: head.Models, splits: Splits, checkpoint: Checkpoint,
-               log_dir: Path, pca) -> None:
-    """Stage 1 on images: from scratch (every layer), or with --cache off."""
-    scratch = plan.cut is None
-    head.adapt_head(models, None if scratch else (
+def adapt_live(plan: Plan, models: head.Models, splits: Splits) -> None:
+    """Standardises the head from pooled training images (identity from scratch)."""
+    head.adapt_head(models, None if plan.cut is None else (
         models.pooled_pixels.predict_on_batch(x) for x in
         datasets.image_dataset(splits.paths["train"], plan.image_size,
                                plan.config.batch_size)))
-    fit.fit_stage("scratch" if scratch else "head", models.full, settings(plan, splits),
+
+
+def train_live(plan: Plan, models: head.Models, splits: Splits, checkpoint: Checkpoint,
+               log_dir: Path | None, pca, callbacks: tuple = ()) -> None:
+    """Stage 1 on images: from scratch (every layer), or with --cache off (`adapt_live`
+    first)."""
+    fit.fit_stage(stage_one_name(plan), models.full, settings(plan, splits),
                   splits.count("train"), image_loader(plan, splits, "train", pca),
                   val_images(plan, splits), checkpoint=checkpoint, log_dir=log_dir,
-                  parallel=True)
+                  parallel=True, callbacks=callbacks)
+
+
+def stage_one_name(plan: Plan) -> str:
+    return "scratch" if plan.cut is None else "head"
 
 
 def cached_features(plan: Plan, models: head.Models, scanned: ScannedData, splits: Splits,
@@ -114,41 +141,49 @@ def cached_features(plan: Plan, models: head.Models, scanned: ScannedData, split
     return loaders, stats | {"entry": cache.dir.name}
 
 
-def train_on_cache(plan: Plan, models: head.Models, splits: Splits, loaders: dict,
-                   checkpoint: Checkpoint, log_dir: Path) -> dict:
-    """Stage 1 on cached features; returns the ordered feature batches of each split."""
+def adapt_cached(plan: Plan, models: head.Models, splits: Splits, loaders: dict) -> dict:
+    """Standardises the head from the cached training features; returns the ordered
+    feature batches of each split."""
     batch_size = plan.config.batch_size
     features = {name: datasets.ordered_batches(loaders[name], splits.count(name), batch_size)
                 for name in SPLITS}
     head.adapt_head(models, (x if models.pooled else models.pooled_features.predict_on_batch(x)
                              for x, _ in features["train"]))
-    fit.fit_stage("head", models.train, settings(plan, splits), splits.count("train"),
-                  loaders["train"], features["val"] if splits.count("val") else None,
-                  checkpoint=checkpoint, log_dir=log_dir)
     return features
 
 
-def fine_tune(plan: Plan, models: head.Models, splits: Splits, checkpoint: Checkpoint,
-              log_dir: Path, pca) -> None:
-    """Stage 2: unfreeze deeper and train the full model on images."""
-    config = plan.config
-    head.set_trainable(plan.base, plan.fine_tune_cut, config.bn_trainable)
+def train_on_cache(plan: Plan, models: head.Models, splits: Splits, loaders: dict,
+                   features: dict, checkpoint: Checkpoint, log_dir: Path | None,
+                   callbacks: tuple = ()) -> None:
+    """Stage 1 on cached features (`features` from `adapt_cached`)."""
+    fit.fit_stage("head", models.train, settings(plan, splits), splits.count("train"),
+                  loaders["train"], features["val"] if splits.count("val") else None,
+                  checkpoint=checkpoint, log_dir=log_dir, callbacks=callbacks)
+
+
+def unfreeze(plan: Plan, models: head.Models) -> None:
+    """Before stage 2: unfreezes everything above the fine-tuning cut."""
+    head.set_trainable(plan.base, plan.fine_tune_cut, plan.config.bn_trainable)
     log.info("fine_tune: unfrozen above '%s', %s parameters train on images",
              plan.fine_tune_cut or "the input", f"{trainable_params(models.full):,}")
-    stage_two = dataclasses.replace(settings(plan, splits), epochs=config.fine_tune_epochs,
-                                    lr=config.fine_tune_lr or config.lr / 10)
-    fit.fit_stage("fine_tune", models.full, stage_two, splits.count("train"),
-                  image_loader(plan, splits, "train", pca), val_images(plan, splits),
-                  checkpoint=checkpoint, log_dir=log_dir, parallel=True)
+
+
+def fine_tune(plan: Plan, models: head.Models, splits: Splits, checkpoint: Checkpoint,
+              log_dir: Path | None, pca, callbacks: tuple = ()) -> None:
+    """Stage 2 (after `unfreeze`): trains the full model on images."""
+    fit.fit_stage("fine_tune", models.full, fine_tune_settings(plan, splits),
+                  splits.count("train"), image_loader(plan, splits, "train", pca),
+                  val_images(plan, splits), checkpoint=checkpoint, log_dir=log_dir,
+                  parallel=True, callbacks=callbacks)
 
 
 def evaluate_splits(plan: Plan, models: head.Models, splits: Splits, features: dict | None,
-                    classes: list[str]) -> tuple[dict, dict]:
-    """Metrics and probabilities on val and test: from cached features when the stem is
-    unchanged, else from images. A multi-label run's thresholds are tuned on val first
-    (results["thresholds"])."""
-    results, probabilities = {}, {}
-    for name in ("val", "test"):
+                    classes: list[str], names: tuple = ("val", "test")) -> tuple[dict, dict]:
+    """Metrics and probabilities on `names` (val and test): from cached features when the
+    stem is unchanged, else from images. A multi-label run's thresholds are tuned on val
+    first (results["thresholds"]); a single-label run is calibrated on val first."""
+    results, probabilities = {}, {"val": None, "test": None}
+    for name in names:
         if not splits.count(name):
             probabilities[name] = None
         elif features is not None:
@@ -161,10 +196,10 @@ def evaluate_splits(plan: Plan, models: head.Models, splits: Splits, features: d
                                                 len(classes))
         results = {name: multilabel.multilabel_metrics(
             splits.labels[name], probabilities[name], classes, thresholds)
-            for name in ("val", "test")} | {"thresholds": thresholds}
+            for name in names} | {"thresholds": thresholds}
         return results, probabilities
     report, probabilities = calibrate(plan, models, splits, probabilities)
-    for name in ("val", "test"):
+    for name in names:
         results[name] = classification_metrics(splits.labels[name], probabilities[name],
                                                classes)
     results["calibration"] = report

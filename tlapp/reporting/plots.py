@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tlapp.files import write_atomic
 
@@ -142,4 +143,49 @@ def plot_explanation(pixels: np.ndarray, heatmap: np.ndarray, top: list[tuple[st
     axes[2].set_yticks(range(len(top)), names, fontsize=8)
     axes[2].set_xlim(0, 1)
     axes[2].set_title("top classes", fontsize=9)
+
+
+def plot_lr_find(rates: list[float], losses: list[float], smoothed: list[float],
+                 suggestion: float, path: str | Path, title: str = "") -> None:
+    """The range test: loss against learning rate (log scale), raw and smoothed, with the
+    suggested rate marked."""
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
+    axis.plot(rates, losses, color="lightgray", label="loss per step")
+    axis.plot(rates, smoothed, label="smoothed loss")
+    axis.axvline(suggestion, color="tab:red", linestyle="--",
+                 label=f"suggested rate {suggestion:.2e}")
+    axis.set_xscale("log")
+    low, high = min(smoothed), max(smoothed[0], min(smoothed) * 1.5)
+    axis.set_ylim(low - 0.1 * (high - low) - 1e-3, high + 0.5 * (high - low) + 1e-3)
+    axis.set_xlabel("learning rate (log scale)")
+    axis.set_ylabel("training loss")
+    axis.set_title(title or "learning-rate range test")
+    axis.legend()
+    save_figure(figure, path)
+
+
+def plot_search(trials: list[dict], path: str | Path) -> None:
+    """A search's trials in order: validation accuracy of each (pruned ones at their last
+    report, in gray; failed ones left out) and the best so far."""
+    figure = Figure(figsize=(8, 4.5))
+    axis = figure.subplots()
+    best, running = None, []
+    for trial in trials:
+        value = trial.get("val_accuracy")
+        if trial["state"] == "complete" and value is not None:
+            best = value if best is None else max(best, value)
+        running.append(float("nan") if best is None else best)
+    for state, color in (("complete", "tab:blue"), ("pruned", "gray")):
+        chosen = [t for t in trials if t["state"] == state and t.get("val_accuracy") is not None]
+        axis.scatter([t["trial"] for t in chosen], [t["val_accuracy"] for t in chosen],
+                     color=color, label=state, zorder=3)
+    axis.step([t["trial"] for t in trials], running, where="post", color="tab:green",
+              label="best so far")
+    axis.set_ylim(0, 1.02)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_title("search: validation accuracy per trial")
+    axis.set_xlabel("trial")
+    axis.set_ylabel("validation accuracy")
+    axis.legend(loc="lower right")
     save_figure(figure, path)

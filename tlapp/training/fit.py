@@ -36,7 +36,9 @@ class Settings:
     lr: float
     seed: int
     optimizer: str = "adam"  # adam | sgd | adamw
-    lr_schedule: str = "constant"  # constant | cosine | plateau
+    lr_schedule: str = "constant"  # constant | cosine | plateau | onecycle
+    warmup_epochs: int = 0
+    weight_decay: float | None = None  # None: 1e-4 for adamw, none otherwise
     label_smoothing: float = 0.0
     early_stopping: int = 0  # patience in epochs; 0 = off
     jit: bool = False
@@ -61,15 +63,63 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
             for i, n in enumerate(counts)}
 
 
+ONECYCLE_START = 1 / 25  # one-cycle: from lr/25 ...
+ONECYCLE_RISE = 0.3  # ... up to lr over this fraction of the steps ...
+ONECYCLE_END = 1 / 25e4  # ... then cosine down to lr/250000 (PyTorch OneCycleLR's defaults)
+
+
+def learning_rate(settings: Settings, steps_per_epoch: int):
+    """The stage's learning rate: a float, or a schedule of the optimizer's step counter.
+
+    A schedule depends on the step alone, and the step counter is part of the optimizer
+    state a checkpoint saves, so a resumed stage follows the same rates exactly. Warmup
+    rises linearly from 0 over `warmup_epochs` (capped at the stage's epochs), then the
+    schedule runs over the remaining steps. Plateau keeps a float (its callback changes
+    it); its warmup is `LinearWarmup`.
+    """
+    total = max(steps_per_epoch * settings.epochs, 1)
+    warmup = min(steps_per_epoch * settings.warmup_epochs, total)
+    schedule, lr = settings.lr_schedule, float(settings.lr)
+    cosine = keras.optimizers.schedules.CosineDecay
+    if schedule == "onecycle":
+        rise = warmup or max(round(ONECYCLE_RISE * total), 1)
+        return cosine(lr * ONECYCLE_START, decay_steps=max(total - rise, 1),
+                      alpha=ONECYCLE_END, warmup_target=lr, warmup_steps=rise)
+    if schedule == "cosine":
+        if not warmup:
+            return cosine(lr, decay_steps=total)
+        return cosine(0.0, decay_steps=max(total - warmup, 1), warmup_target=lr,
+                      warmup_steps=warmup)
+    if schedule == "constant" and warmup:  # alpha=1: the "decay" keeps lr
+        return cosine(0.0, decay_steps=max(total - warmup, 1), alpha=1.0, warmup_target=lr,
+                      warmup_steps=warmup)
+    return lr
+
+
 def make_optimizer(settings: Settings, steps: int) -> keras.optimizers.Optimizer:
-    lr = settings.lr
-    if settings.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(settings.lr, decay_steps=max(steps, 1))
+    """The stage's optimizer; `steps` is the number of batches per epoch."""
+    lr = learning_rate(settings, steps)
+    decay = settings.weight_decay
     if settings.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=decay)
     if settings.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=1e-4)
-    return keras.optimizers.Adam(lr)
+        return keras.optimizers.AdamW(lr, weight_decay=1e-4 if decay is None else decay)
+    return keras.optimizers.Adam(lr, weight_decay=decay)
+
+
+class LinearWarmup(keras.callbacks.Callback):
+    """Warmup for the plateau schedule, whose learning rate is a plain variable: the rate
+    of step s < `steps` is lr * s / steps, computed from the optimizer's step counter (so a
+    resumed run repeats it exactly); from step `steps` on, the plateau callback rules."""
+
+    def __init__(self, lr: float, steps: int):
+        super().__init__()
+        self.lr, self.steps = lr, steps
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step <= self.steps:
+            self.model.optimizer.learning_rate = self.lr * min(step / self.steps, 1.0)
 
 
 class Reseed(keras.callbacks.Callback):
@@ -89,13 +139,15 @@ class Reseed(keras.callbacks.Callback):
 def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
               train_loader: Callable, val_batches: tf.data.Dataset | None,
               checkpoint: Checkpoint, log_dir: Path | None = None,
-              parallel: bool = False) -> list[dict]:
+              parallel: bool = False, callbacks: tuple = ()) -> list[dict]:
     """Trains `model` for one stage, resuming from `checkpoint` if it holds part of it.
 
-    Returns the history rows of this stage (one per epoch, including resumed ones).
+    `callbacks` (experiment tracking, search pruning) run after tlapp's own and before the
+    checkpoint. Returns the history rows of this stage (one per epoch, including resumed
+    ones).
     """
     steps = math.ceil(n_train / settings.batch_size)
-    optimizer = make_optimizer(settings, steps * settings.epochs)
+    optimizer = make_optimizer(settings, steps)
     if settings.multi_label:  # "accuracy": the share of right yes/no decisions
         loss = keras.losses.BinaryCrossentropy(label_smoothing=settings.label_smoothing)
         metric = keras.metrics.BinaryAccuracy(name="accuracy")
@@ -112,12 +164,15 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
     if done < settings.epochs:
         if done:
             log.info("%s: resuming after epoch %d from %s", stage, done, checkpoint.folder)
-        callbacks = [Reseed(settings.seed)]
+        extra, callbacks = callbacks, [Reseed(settings.seed)]
         if log_dir:
             callbacks.append(keras.callbacks.TensorBoard(str(log_dir / stage)))
         monitor = "val_loss" if val_batches is not None else "loss"
         tracked = {}
         if settings.lr_schedule == "plateau":
+            if settings.warmup_epochs:
+                callbacks.append(LinearWarmup(float(settings.lr), steps * min(
+                    settings.warmup_epochs, settings.epochs)))
             tracked["plateau"] = ReduceLROnPlateau(monitor, factor=0.2, patience=2)
         if settings.early_stopping:
             tracked["early_stopping"] = EarlyStopping(
@@ -127,7 +182,7 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
         if done:  # resuming inside this stage
             checkpoint.restore_optimizer(optimizer)
             checkpoint.restore_callbacks()
-        callbacks.append(checkpoint)  # last: it saves what the others left
+        callbacks += [*extra, checkpoint]  # the checkpoint last: it saves what others left
         train = shuffled_batches(n_train, settings.batch_size, settings.seed, done,
                                  settings.epochs, train_loader, parallel)
         # Stopped early just before a kill: no epoch runs, the callbacks only end the stage.
