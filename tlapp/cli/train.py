@@ -54,20 +54,35 @@ def add_parsers(commands) -> None:
     add_config_flags(train)
     train.add_argument("--resume", metavar="RUN", help="continue the interrupted run whose "
                        "--out was RUN from its last checkpoint (other flags are ignored)")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, prepare=prepare_train)
 
 
-
-def cmd_train(args) -> int:
-    from tlapp import pipeline
-
+def train_config(args) -> config_lib.Config:
+    """The run's config: from --resume, or from --config and the flags given."""
     if args.resume:
-        pipeline.run(pipeline.resume_config(args.resume), resume=True)
-        return 0
+        from tlapp import pipeline
+
+        return pipeline.resume_config(args.resume)
     values = config_lib.load_toml(args.config) if args.config else {}
     if args.data is not None:
         values["data"] = args.data
     values |= {k: v for k, v in vars(args).items() if k in config_lib.FIELDS and v is not None
                and k != "data"}
-    pipeline.run(config_lib.from_dict(values, args.config or "command line"))
+    return config_lib.from_dict(values, args.config or "command line")
+
+
+def prepare_train(args) -> None:
+    """Runs before TensorFlow initialises its devices: what the run's strategy needs first
+    (a multi-worker strategy, the TLAPP_LOGICAL_CPUS split)."""
+    from tlapp.training import distribute
+
+    args.train_config = train_config(args)
+    distribute.prepare_process(args.train_config.strategy)
+
+
+def cmd_train(args) -> int:
+    from tlapp import pipeline
+
+    config = getattr(args, "train_config", None) or train_config(args)
+    pipeline.run(config, resume=bool(args.resume))
     return 0

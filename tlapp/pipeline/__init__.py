@@ -20,7 +20,7 @@ from tlapp.errors import UserInputError
 from tlapp.inference.runs import Run
 from tlapp.pipeline import folder, stages
 from tlapp.pipeline.plan import Splits, precision_policy, resolve_plan, scan_data
-from tlapp.training import head
+from tlapp.training import distribute, head
 from tlapp.training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,26 @@ def run(config: Config, resume: bool = False) -> Run:
     checkpoint (see `resume_config`).
     """
     start = time.perf_counter()
+    layout = distribute.make_layout(config)  # first: multi-worker precedes any TensorFlow op
+    config = config.replace(strategy=layout.name)
     spec = registry.get_spec(config.backbone, config.preprocess)
     cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     out = Path(config.out or folder.default_out(spec.name)).expanduser()
-    temp = folder.prepare_out(out, resume)
+    temp = folder.prepare_out(out, resume) if layout.is_chief else \
+        folder.worker_dir(out, resume)
+    if resume:
+        distribute.check_resume_layout(temp, layout)
     scanned = scan_data(config, cache_dir)
     timings = {"scan_s": time.perf_counter() - start}
-    with precision_policy(config.mixed_precision), contextlib.ExitStack() as closing:
-        plan = resolve_plan(config, spec, scanned, cache_dir, out)
+    with precision_policy(config.mixed_precision), contextlib.ExitStack() as closing, \
+            layout.scope():
+        if not layout.is_chief:
+            closing.callback(folder.discard_worker_dir, temp)
+        plan = resolve_plan(config, spec, scanned, cache_dir, out, layout)
         models = head.build_models(spec, plan.base, plan.cut, plan.classes, config.dropout,
                                    plan.image_size,
                                    bn_trainable=plan.cut is None or config.bn_trainable)
+        distribute.synchronize_batchnorm(models.full, layout)
         folder.write_run_files(temp, plan, scanned)
         stages.log_model(plan, models)
         splits = Splits.of(scanned)
@@ -96,10 +105,14 @@ def run(config: Config, resume: bool = False) -> Run:
             stages.fine_tune(plan, models, splits, checkpoint, temp / "logs", pca)
             timings["fine_tune_s"] = time.perf_counter() - tick
             features = None  # the stem changed: evaluate on images
+        distribute.synchronize_batchnorm(models.full, layout, False)
         results, probabilities = stages.evaluate_splits(plan, models, splits, features,
                                                         scanned.classes)
         tick = time.perf_counter()
-        folder.save_outputs(temp, models, scanned, splits, checkpoint, results, probabilities)
+        if layout.is_chief:  # the only writer of the run folder; outside the strategy, so
+            with layout.paused():  # that nothing in it waits for the other workers
+                folder.save_outputs(temp, models, scanned, splits, checkpoint, results,
+                                    probabilities)
         timings["save_export_s"] = time.perf_counter() - tick
     weights = stages.class_weights(config, splits, plan.classes)
     metrics = {
@@ -111,10 +124,13 @@ def run(config: Config, resume: bool = False) -> Run:
         "val": results["val"],
         "test": results["test"],
         "final_epoch": checkpoint.state["history"][-1] if checkpoint.state["history"] else {},
+        "distribution": layout.record(),
         "timings": {k: round(v, 3) for k, v in timings.items()}
         | {"total_s": round(time.perf_counter() - start, 3)},
     }
-    folder.finish_run(temp, out, metrics)
+    if layout.is_chief:
+        folder.finish_run(temp, out, metrics)
+    distribute.barrier(layout)  # a worker that exits early aborts the others' collectives
     log.info("done: val accuracy %s, test accuracy %s; run folder %s",
              _percent(metrics["val_accuracy"]), _percent(metrics["test_accuracy"]), out)
     return Run(out, plan.config, scanned.classes, metrics, models.full)

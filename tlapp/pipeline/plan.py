@@ -14,6 +14,7 @@ from tlapp.config import Config
 from tlapp.constants import SPLITS
 from tlapp.data.scan import ScannedData, resolve_data, scan_folder
 from tlapp.errors import UserInputError
+from tlapp.training.distribute import Layout
 
 
 @dataclasses.dataclass
@@ -27,6 +28,7 @@ class Plan:
     fine_tune_cut: str | None  # where the frozen part ends in stage 2
     cache_dir: Path
     labels: list[str]  # class names in class-index order
+    layout: Layout  # the tf.distribute strategy it trains with
 
     @property
     def classes(self) -> int:
@@ -83,7 +85,7 @@ def precision_policy(mixed: bool):
 
 
 def resolve_plan(config: Config, spec: BackboneSpec, scanned: ScannedData, cache_dir: Path,
-                 out: Path) -> Plan:
+                 out: Path, layout: Layout) -> Plan:
     """Builds the backbone and turns every "resolve a default" of the config into a value."""
     image_size = config.image_size or spec.default_size
     base = registry.build_backbone(spec, config.weights, image_size, config.seed)
@@ -98,4 +100,4 @@ def resolve_plan(config: Config, spec: BackboneSpec, scanned: ScannedData, cache
         image_size=image_size, cut=cut, trainable_blocks="all" if scratch else None,
         cache_dir=str(cache_dir.resolve()), out=str(out.resolve()),
         **registry.resolved_source(spec, config.weights))
-    return Plan(resolved, spec, base, cut, fine_tune_cut, cache_dir, scanned.classes)
+    return Plan(resolved, spec, base, cut, fine_tune_cut, cache_dir, scanned.classes, layout)

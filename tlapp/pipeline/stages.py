@@ -19,7 +19,7 @@ from tlapp.features.extract import extract_features
 from tlapp.features.loader import FeatureLoader
 from tlapp.inference.evaluate import classification_metrics
 from tlapp.pipeline.plan import Plan, Splits
-from tlapp.training import fit, head
+from tlapp.training import distribute, fit, head, sharding
 from tlapp.training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def train_live(plan: Plan, models: head.Models, splits: Splits, checkpoint: Chec
     """Stage 1 on images: from scratch (every layer), or with --cache off."""
     scratch = plan.cut is None
     head.adapt_head(models, None if scratch else (
-        models.pooled_pixels.predict_on_batch(x) for x in
+        sharding.predict_batch(models.pooled_pixels, x) for x in
         datasets.image_dataset(splits.paths["train"], plan.image_size,
                                plan.config.batch_size)))
     fit.fit_stage("scratch" if scratch else "head", models.full, settings(plan, splits),
@@ -85,10 +85,14 @@ def cached_features(plan: Plan, models: head.Models, scanned: ScannedData, split
     key = cache_key(plan.spec.name, models.stem, plan.cut, models.pooled, plan.image_size,
                     plan.spec.preprocess, views=config.aug_views, dtype=config.cache_dtype,
                     augment=config.augment, augment_seed=config.seed)
-    cache = FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
     files = {s.sha256: scanned.root / s.path for s in scanned.samples}
-    stats = extract_features(cache, models.stem, files, plan.image_size, config.batch_size,
-                             pca=pca) | {"entry": cache.dir.name}
+    # Outside the strategy: one copy of each row. Workers extract after the chief, so that
+    # in a shared cache they find its rows instead of writing the same ones again.
+    with plan.layout.paused(), distribute.chief_first(plan.layout):
+        cache = FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
+        stats = extract_features(cache, distribute.extraction_model(models.stem, plan.layout),
+                                 files, plan.image_size, config.batch_size,
+                                 pca=pca) | {"entry": cache.dir.name}
     loaders = {name: closing.enter_context(FeatureLoader(cache, splits.digests[name],
                                                          splits.labels[name], plan.classes))
                for name in SPLITS}
@@ -101,7 +105,8 @@ def train_on_cache(plan: Plan, models: head.Models, splits: Splits, loaders: dic
     batch_size = plan.config.batch_size
     features = {name: datasets.ordered_batches(loaders[name], splits.count(name), batch_size)
                 for name in SPLITS}
-    head.adapt_head(models, (x if models.pooled else models.pooled_features.predict_on_batch(x)
+    head.adapt_head(models, (x if models.pooled else
+                             sharding.predict_batch(models.pooled_features, x)
                              for x, _ in features["train"]))
     fit.fit_stage("head", models.train, settings(plan, splits), splits.count("train"),
                   loaders["train"], features["val"] if splits.count("val") else None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from tlapp.augment import ops as augment_ops
-from tlapp.data.datasets import shuffled_batches
 from tlapp.progress import fit_verbosity
+from tlapp.training import sharding
 from tlapp.training.checkpoint import HISTORY_FIELDS, Checkpoint
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
 
     Returns the history rows of this stage (one per epoch, including resumed ones).
     """
-    steps = math.ceil(n_train / settings.batch_size)
+    steps = sharding.steps_per_epoch(model.distribute_strategy, n_train, settings.batch_size)
     optimizer = make_optimizer(settings, steps * settings.epochs)
     model.compile(optimizer=optimizer,
                   loss=keras.losses.CategoricalCrossentropy(
@@ -118,11 +117,12 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor, patience=settings.early_stopping, restore_best_weights=True))
         callbacks.append(checkpoint)  # last: it saves what the others left
-        train = shuffled_batches(n_train, settings.batch_size, settings.seed, done,
-                                 settings.epochs, train_loader, parallel)
+        train, class_weight = sharding.training_batches(
+            model.distribute_strategy, n_train, settings.batch_size, settings.seed, done,
+            settings.epochs, train_loader, parallel, settings.class_weight)
         model.fit(train, epochs=settings.epochs, initial_epoch=done, steps_per_epoch=steps,
                   validation_data=val_batches, callbacks=callbacks,
-                  class_weight=settings.class_weight, shuffle=False,
+                  class_weight=class_weight, shuffle=False,
                   verbose=fit_verbosity())
     rows = [row for row in checkpoint.state["history"] if row["stage"] == stage]
     if rows:
