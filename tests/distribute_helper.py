@@ -3,6 +3,7 @@ split and a multi-worker strategy must precede TensorFlow's device start-up).
 
     python tests/distribute_helper.py mirrored OUT     # with TLAPP_LOGICAL_CPUS=2
     python tests/distribute_helper.py worker OUT ARGS  # with TF_CONFIG: `tlapp train ARGS`
+    python tests/distribute_helper.py worker-python OUT ARGS  # the same through tlapp.train
 
 `mirrored` trains the same runs with --strategy one and mirrored (2 replicas) in one
 process and writes what the test compares to OUT/results.json. `worker` runs the CLI and
@@ -11,6 +12,7 @@ writes the final weights and the training images this worker decoded to OUT.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +30,16 @@ def losses(run) -> list[float]:
 
     with open(run.path / "history.csv") as f:
         return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def key_paths(value, prefix: str = "") -> set[str]:
+    """Every key path of a nested dict ("val.count"; lists of rows as "history[]")."""
+    if isinstance(value, dict):
+        return set().union(*(key_paths(v, f"{prefix}.{k}" if prefix else str(k))
+                             for k, v in value.items()), {prefix} if prefix else set())
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return key_paths(value[0], prefix + "[]")
+    return {prefix}
 
 
 def tiny_batchnorm_backbone(path: Path) -> str:
@@ -81,6 +93,9 @@ def compare_mirrored(out: Path) -> None:
         "train_images": one.metrics["counts"]["train"],
         "distribution": [one.metrics["distribution"], mirrored.metrics["distribution"]],
         "config_strategy": [r.config.strategy for r in (one, mirrored)],
+        "metrics_keys": [sorted(key_paths(r.metrics)) for r in (one, mirrored)],
+        "accuracy": [[r.metrics["val_accuracy"], r.metrics["test_accuracy"]]
+                     for r in (one, mirrored)],
         "extracted": [r.metrics["cache"]["extracted"] for r in (one, mirrored)],
         "cache_equal": entries["one"].keys() == entries["mirrored"].keys() and all(
             np.array_equal(entries["one"][k], entries["mirrored"][k]) for k in entries["one"]),
@@ -93,8 +108,9 @@ def compare_mirrored(out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
-def run_worker(out: Path, args: list[str]) -> int:
-    """`tlapp train ARGS` as one worker of a cluster; records what the test checks."""
+def run_worker(out: Path, args: list[str], api: str = "cli") -> int:
+    """`tlapp train ARGS` (api="cli") or tlapp.train with the config those flags make
+    (api="python") as one worker of a cluster; records what the test checks."""
     import tensorflow as tf
 
     from tlapp import cli, pipeline
@@ -117,8 +133,24 @@ def run_worker(out: Path, args: list[str]) -> int:
     datasets.image_loader = counting_loader
     real_run, finished = pipeline.run, []
     pipeline.run = lambda *a, **k: finished.append(real_run(*a, **k)) or finished[-1]
-    code = cli.main(["train"] + args)
-    worker = json.loads(__import__("os").environ["TF_CONFIG"])["task"]["index"]
+    if api == "python":  # tlapp.train(config=...) in a fresh process, no CLI start-up
+        import logging
+
+        import tlapp
+        from tlapp.cli.train import train_config
+
+        logging.getLogger("tlapp").addHandler(logging.StreamHandler())  # what the test reads
+        logging.getLogger("tlapp").setLevel(logging.INFO)
+        config = train_config(cli.build_parser().parse_args(["train"] + args))
+        try:
+            tlapp.train(config=config)
+            code = 0
+        except tlapp.UserInputError as e:
+            logging.getLogger("tlapp").error("error: %s", e)
+            code = 2
+    else:
+        code = cli.main(["train"] + args)
+    worker = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     if finished:
         np.savez(out / f"weights_{worker}.npz", *weights_of(finished[0].model))
     (out / f"decoded_{worker}.json").write_text(json.dumps(decoded))
@@ -130,4 +162,4 @@ if __name__ == "__main__":
     if mode == "mirrored":
         compare_mirrored(folder)
     else:
-        sys.exit(run_worker(folder, sys.argv[3:]))
+        sys.exit(run_worker(folder, sys.argv[3:], "python" if mode == "worker-python" else "cli"))

@@ -4,6 +4,7 @@ workaround and the refusals. Training on several devices runs in subprocesses
 TensorFlow's device start-up."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -102,7 +103,15 @@ def test_unknown_strategy_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("tf_config, message", [
     (None, "TF_CONFIG environment variable, which is unset"),
-    ("{not json", "TF_CONFIG must be JSON"),
+    ("{not json", 'TF_CONFIG is not JSON with a "cluster"'),
+    ('{"cluster": {}}', "lists no worker"),
+    ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}}', "must give this process's task"),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}',
+     "must give this process's task"),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}',
+     "not one of the 1 worker task(s)"),
+    ('{"cluster": {"worker": "127.0.0.1:1"}, "task": {"type": "worker", "index": 0}}',
+     'list the worker tasks as "host:port" strings'),
 ])
 def test_multi_worker_without_a_cluster_exits_2(tmp_path, capsys, monkeypatch, tf_config,
                                                 message):
@@ -111,8 +120,38 @@ def test_multi_worker_without_a_cluster_exits_2(tmp_path, capsys, monkeypatch, t
     else:
         monkeypatch.setenv("TF_CONFIG", tf_config)
     assert cli.main(train_args(tmp_path, "--strategy", "multi-worker")) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    if tf_config:
+        assert f"Received: TF_CONFIG={tf_config!r}" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_python_api_refuses_multi_worker_without_a_cluster(tmp_path, monkeypatch):
+    import tlapp
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UserInputError, match="Received: TF_CONFIG=None"):
+        tlapp.train(str(make_folder(tmp_path / "data", per_class=2)), strategy="multi-worker",
+                    out=str(tmp_path / "run"))
+    with pytest.raises(UserInputError, match="Received: strategy='horovod'"):
+        tlapp.train(str(tmp_path / "data"), strategy="horovod")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cluster_task_index_counts_the_chief_first(monkeypatch):
+    """Worker i comes after the chief; without a chief, worker 0 is the chief."""
+    from tlapp.training import cluster
+
+    two = ["127.0.0.1:1", "127.0.0.1:2"]
+    for jobs, task, expected in [({"worker": two}, ("worker", 1), (2, 1)),
+                                 ({"chief": two[:1], "worker": two}, ("worker", 0), (3, 1)),
+                                 ({"chief": two[:1], "worker": two}, ("chief", 0), (3, 0))]:
+        monkeypatch.setenv("TF_CONFIG", json.dumps(
+            {"cluster": jobs, "task": {"type": task[0], "index": task[1]}}))
+        assert (cluster.read_task().tasks, cluster.read_task().index) == expected
+    monkeypatch.delenv("TF_CONFIG")
+    assert cluster.cluster_tasks() == 0
 
 
 def test_bad_logical_cpu_count_exits_2(tmp_path, capsys, monkeypatch):
@@ -174,8 +213,13 @@ def test_mirrored_training_matches_one_device(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    one, mirrored = results["losses"]
+    one, mirrored = results["losses"]  # head epochs 1-2, then the fine-tune epoch
     assert len(one) == 3 and np.allclose(one, mirrored, rtol=0, atol=1e-5), results["losses"]
+    assert mirrored[1] < mirrored[0]  # it trains
+    # the same metrics.json, keys and values, as one device (only timings differ)
+    assert results["metrics_keys"][0] == results["metrics_keys"][1]
+    assert "distribution.replicas" in results["metrics_keys"][1]
+    np.testing.assert_allclose(*results["accuracy"], atol=1e-6)
     with np.load(tmp_path / "weights_one.npz") as a, np.load(tmp_path / "weights_mirrored.npz") as b:
         assert len(a.files) == len(b.files) > 10
         for name in a.files:
@@ -203,7 +247,8 @@ def free_ports(count: int) -> list[int]:
 
 @pytest.mark.slow
 def test_two_workers_train_one_model(tmp_path):
-    """`tlapp train --strategy multi-worker` in two processes on 127.0.0.1: both exit 0 with
+    """`--strategy multi-worker` in two processes on 127.0.0.1 (worker 0 runs `tlapp train`,
+    worker 1 tlapp.train with the same options): both exit 0 with
     equal weights, only the chief writes the run folder, each worker decodes its half of
     the training images, and the second worker finds the chief's rows in the shared cache."""
     from tests.distribute_helper import tiny_batchnorm_backbone
@@ -225,8 +270,9 @@ def test_two_workers_train_one_model(tmp_path):
         tf_config = json.dumps({"cluster": {"worker": cluster},
                                 "task": {"type": "worker", "index": index}})
         log = open(tmp_path / f"worker{index}.log", "w")
+        api = "worker" if index == 0 else "worker-python"  # the CLI, and tlapp.train
         workers.append((subprocess.Popen(
-            [sys.executable, str(HELPER), "worker", str(tmp_path)] + args, cwd=folder,
+            [sys.executable, str(HELPER), api, str(tmp_path)] + args, cwd=folder,
             env=helper_env(TF_CONFIG=tf_config), stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + 180  # a hang fails the test instead of blocking CI
     try:
@@ -240,6 +286,9 @@ def test_two_workers_train_one_model(tmp_path):
             log.close()
     logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    for log in logs:  # a clean end: no collective aborted by a peer that left early
+        assert "Traceback" not in log and not re.search("^error:", log, re.M), log[-3000:]
+        assert "done: val accuracy" in log
 
     with np.load(tmp_path / "weights_0.npz") as a, np.load(tmp_path / "weights_1.npz") as b:
         for name in a.files:

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from tlapp.config import Config
 from tlapp.errors import UserInputError
-from tlapp.training import keras_distribute_patch
+from tlapp.training import cluster, keras_distribute_patch
 
 log = logging.getLogger(__name__)
 
@@ -128,30 +128,11 @@ def split_cpu() -> int:
     return count
 
 
-def cluster_tasks() -> int:
-    """The number of chief and worker tasks TF_CONFIG lists (0 when it is unset)."""
-    text = os.environ.get("TF_CONFIG", "")
-    if not text.strip():
-        return 0
-    try:
-        cluster = json.loads(text)["cluster"]
-        return sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise UserInputError(
-            'TF_CONFIG must be JSON like {"cluster": {"worker": ["host1:port", '
-            '"host2:port"]}, "task": {"type": "worker", "index": 0}}. '
-            f"Received: TF_CONFIG={text!r}") from None
-
-
 @functools.cache
 def multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
     """The process's MultiWorkerMirroredStrategy (TensorFlow allows one per process, made
     before its devices are initialised), with the Keras workaround installed."""
-    if not cluster_tasks():
-        raise UserInputError(
-            "--strategy multi-worker trains on the machines listed in the TF_CONFIG "
-            "environment variable, which is unset or lists no worker (README 'Scaling "
-            f"out' has an example). Received: TF_CONFIG={os.environ.get('TF_CONFIG')!r}")
+    cluster.read_task()  # the user's TF_CONFIG mistakes, before TensorFlow's tracebacks
     patch_keras()
     try:
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -160,6 +141,9 @@ def multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
             "--strategy multi-worker must be set up before TensorFlow starts: run it with "
             "`tlapp train`, or call tlapp.train first thing in a fresh Python process. "
             f"Received: {e}") from None
+    except (ValueError, TypeError) as e:  # a TF_CONFIG that passed read_task, still wrong
+        raise UserInputError(f"TensorFlow refused the cluster of TF_CONFIG: {e} Received: "
+                             f"TF_CONFIG={os.environ.get('TF_CONFIG')!r}") from None
 
 
 @functools.cache
@@ -183,7 +167,8 @@ def make_layout(config: Config) -> Layout:
     workers, worker = 1, 0
     if config.strategy == "multi-worker":
         name, strategy = "multi-worker", multi_worker_strategy()
-        workers, worker = cluster_tasks(), _task_index(strategy.cluster_resolver)
+        task = cluster.read_task()
+        workers, worker = task.tasks, task.index
     else:
         gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
         if config.strategy == "mirrored" or (config.strategy == "auto" and len(gpus) > 1):
@@ -192,10 +177,10 @@ def make_layout(config: Config) -> Layout:
             strategy = mirrored_strategy(tuple(gpus or (cpus if len(cpus) > 1 else ())))
         else:
             name, strategy = "one", tf.distribute.get_strategy()
-        if cluster_tasks() > 1:
+        if cluster.cluster_tasks() > 1:
             log.warning("TF_CONFIG lists %d tasks, but --strategy is %s: this process trains "
                         "on its own. Pass --strategy multi-worker to train across them.",
-                        cluster_tasks(), config.strategy)
+                        cluster.cluster_tasks(), config.strategy)
     layout = Layout(name, strategy, strategy.num_replicas_in_sync, config.batch_size,
                     workers, worker)
     check_config(config, layout)
@@ -207,16 +192,6 @@ def make_layout(config: Config) -> Layout:
                  if name == "multi-worker" else "", config.batch_size,
                  config.batch_size // layout.replicas)
     return layout
-
-
-def _task_index(resolver) -> int:
-    """This task's index among chief + workers: the chief (or worker 0 without one) is 0."""
-    if resolver.task_type == "chief":
-        return 0
-    if resolver.task_type != "worker":
-        raise UserInputError("tlapp trains with chief and worker tasks only. Received: "
-                             f"task type {resolver.task_type!r} in TF_CONFIG")
-    return resolver.task_id + ("chief" in resolver.cluster_spec().jobs)
 
 
 def check_config(config: Config, layout: Layout) -> None:
