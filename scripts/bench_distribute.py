@@ -8,6 +8,8 @@ so that load changes hit both strategies alike, and reports medians of run-time 
 
   stage1  stage 1 on cached features (E epochs: compile, tracing, steps, checkpoints;
           the cache is filled before timing), metrics["timings"]["train_s"];
+  stage1x4  the same with 4E epochs: (stage1x4 - stage1) is the cost of 3E epochs without
+          what each fit pays once (compile, tracing), so its ratio is the per-epoch overhead;
   live    a live epoch: --cache off, the frozen stem runs on every image every step
           (read, decode, stem, head), train_s of L epochs.
 
@@ -17,7 +19,8 @@ of the distribution machinery itself (sharded input pipelines, all-reduce, synch
 BatchNormalization in the live case is not involved: the stem is frozen).
 
     python scripts/bench_distribute.py [--images 256] [--size 128] [--epochs 10]
-        [--live-epochs 2] [--repeats 3] [--replicas 1] [--json FILE]
+        [--live-epochs 2] [--repeats 3] [--replicas 1] [--cases stage1,stage1x4,live]
+        [--json FILE]
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--live-epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--cases", default="stage1,stage1x4,live",
+                        help="comma-separated subset of stage1, stage1x4, live")
     parser.add_argument("--json", help="also write the raw timings to this file")
     args = parser.parse_args(argv)
     if args.replicas > 1:
@@ -70,8 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(folder)
         data = write_folder(work / "data", args.images, args.size, classes=4)
         train_seconds(data, work, "one", "fill-cache", args, epochs=1)  # extraction, untimed
-        cases = {"stage1": dict(epochs=args.epochs),
+        cases = {"stage1": dict(epochs=args.epochs), "stage1x4": dict(epochs=4 * args.epochs),
                  "live": dict(epochs=args.live_epochs, cache="off")}
+        cases = {name: cases[name] for name in args.cases.split(",")}
         raw = {case: {"one": [], "mirrored": []} for case in cases}
         for repeat in range(args.repeats):
             for case, options in cases.items():
@@ -92,6 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
                          "ratios_per_repeat": ratios}
         print(f"  {case:6s} one {one:7.2f} s  mirrored {mirrored:7.2f} s  "
               f"ratio {mirrored / one:.2f}x  (per repeat {', '.join(f'{r:.2f}' for r in ratios)})")
+    if "stage1" in cases and "stage1x4" in cases:  # per repeat, then the median
+        marginal = [(m4 - m) / (o4 - o) for o, m, o4, m4 in zip(
+            raw["stage1"]["one"], raw["stage1"]["mirrored"], raw["stage1x4"]["one"],
+            raw["stage1x4"]["mirrored"])]
+        results["stage1_per_epoch_ratio"] = statistics.median(marginal)
+        print(f"  stage1 per-epoch overhead (stage1x4 - stage1): ratio "
+              f"{statistics.median(marginal):.2f}x  (per repeat "
+              f"{', '.join(f'{r:.2f}' for r in marginal)})")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "raw": raw,
                                                "results": results, "load": load}, indent=1))

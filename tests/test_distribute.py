@@ -88,6 +88,51 @@ def test_one_replica_keeps_the_single_device_pipeline():
     assert [len(x) for x, _ in dataset] == [6, 6, 5]
 
 
+class TwoReplicas:
+    """What training_batches asks of a strategy with 2 replicas fed by `pipelines` input
+    pipelines: each pipeline's dataset, as tf.distribute would build them."""
+
+    num_replicas_in_sync = 2
+
+    def __init__(self, pipelines: int):
+        self.pipelines = pipelines
+
+    def distribute_datasets_from_function(self, dataset_fn):
+        import tensorflow as tf
+
+        return [dataset_fn(tf.distribute.InputContext(self.pipelines, p, 2))
+                for p in range(self.pipelines)]
+
+
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_several_replicas_get_the_global_batches_and_class_weights(pipelines):
+    """Each per-replica batch is half a global batch of the one-device order; class weights
+    become per-example sample weights (Keras cannot add them to a distributed dataset)."""
+    import tensorflow as tf
+
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 0, 0, 1, 1, 2, 0, 2, 2, 1, 0])
+
+    def load(i, epoch):
+        return tf.cast(i, tf.float32), tf.one_hot(tf.gather(labels, i), 3)
+
+    one_device, _ = sharding.training_batches(tf.distribute.get_strategy(), 17, 8, 5, 0, 2,
+                                              load, False, None)
+    full = [np.asarray(x) for x, _ in one_device]  # 2 epochs: 8, 8, 1, 8, 8, 1
+    datasets, class_weight = sharding.training_batches(
+        TwoReplicas(pipelines), 17, 8, 5, 0, 2, load, False, {0: 0.5, 1: 2.0, 2: 3.0})
+    assert class_weight is None
+    per_pipeline = [list(d) for d in datasets]
+    for p, batches in enumerate(per_pipeline):
+        for x, y, w in batches:
+            np.testing.assert_array_equal(np.asarray(w), np.array([0.5, 2.0, 3.0])[
+                labels[np.asarray(x).astype(int)]])
+    # the replicas' batches of step g, in order, make global batch g (the partial one dropped)
+    replica_batches = [np.asarray(x) for batches in zip(*per_pipeline) for x, _, _ in batches]
+    assert len(replica_batches) == 2 * 4 and all(len(b) == 4 for b in replica_batches)
+    np.testing.assert_array_equal(np.concatenate(replica_batches),
+                                  np.concatenate([full[0], full[1], full[3], full[4]]))
+
+
 # --- Refusals --------------------------------------------------------------------------------
 
 def train_args(tmp_path, *extra):
