@@ -96,6 +96,11 @@ class Config:
     mixed_precision: bool = setting(False, "mixed_float16 compute (GPU speed-up; works but "
                                            "slow on CPU)")
     jit: bool = setting(False, "compile training steps with XLA")
+    strategy: str = setting("auto", "tf.distribute strategy: auto (mirrored when more than one "
+                                    "GPU is visible, else one), one (a single device), mirrored "
+                                    "(every local GPU), multi-worker (the machines of TF_CONFIG); "
+                                    "--batch-size is the global batch (README 'Scaling out')",
+                            choices=("auto", "one", "mirrored", "multi-worker"))
     val_fraction: float = setting(0.1, "fraction of each class held out for validation",
                                   metavar="X")
     test_fraction: float = setting(0.1, "fraction of each class held out for test",

@@ -7,6 +7,7 @@ sets up logging, starts TensorFlow (startup.py) and runs the chosen command.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import traceback
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     log.propagate = False  # libraries (absl) may give the root logger a handler of its own
     try:
         if args.command != "backbones":  # which starts TensorFlow only when it must
-            start_tensorflow(args.verbose)
+            prepare = getattr(args, "prepare", None)  # what must precede device start-up
+            start_tensorflow(args.verbose, prepare and functools.partial(prepare, args))
         return args.func(args)
     except UserInputError as e:
         log.error("error: %s", e)

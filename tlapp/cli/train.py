@@ -63,7 +63,7 @@ def add_parsers(commands) -> None:
     add_config_flags(train)
     train.add_argument("--resume", metavar="RUN", help="continue the interrupted run whose "
                        "--out was RUN from its last checkpoint (other flags are ignored)")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, prepare=prepare_train)
 
     finder = commands.add_parser(
         "lr-find", help="learning-rate range test: suggest a rate and plot loss against rate",
@@ -100,13 +100,29 @@ def config_from_args(args) -> config_lib.Config:
     return config_lib.from_dict(values, args.config or "command line")
 
 
+def train_config(args) -> config_lib.Config:
+    """The run's config: from --resume, or from --config and the flags given."""
+    if args.resume:
+        from tlapp import pipeline
+
+        return pipeline.resume_config(args.resume)
+    return config_from_args(args)
+
+
+def prepare_train(args) -> None:
+    """Runs before TensorFlow initialises its devices: what the run's strategy needs first
+    (a multi-worker strategy, the TLAPP_LOGICAL_CPUS split)."""
+    from tlapp.training import distribute
+
+    args.train_config = train_config(args)
+    distribute.prepare_process(args.train_config.strategy)
+
+
 def cmd_train(args) -> int:
     from tlapp import pipeline
 
-    if args.resume:
-        pipeline.run(pipeline.resume_config(args.resume), resume=True)
-        return 0
-    pipeline.run(config_from_args(args))
+    config = getattr(args, "train_config", None) or train_config(args)
+    pipeline.run(config, resume=bool(args.resume))
     return 0
 
 

@@ -51,16 +51,21 @@ def targets(labels: tf.Tensor, index, num_classes: int) -> tf.Tensor:
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch: int, epochs: int,
-                     load: Callable, parallel: bool = False) -> tf.data.Dataset:
+                     load: Callable, parallel: bool = False,
+                     shard: Callable | None = None) -> tf.data.Dataset:
     """Batches for epochs [first_epoch, epochs): each epoch a permutation drawn from (seed, epoch).
 
     `load(index, epoch)` -> (x, label) for one example (parallel=True maps it on many
     threads, for decoding and augmentation); otherwise `load(indices, epoch)` is called on
-    the indices of `batches_per_call(load, batch_size)` batches at once.
+    the indices of `batches_per_call(load, batch_size)` batches at once. `shard(order)` ->
+    the part of an epoch's order this input pipeline reads (distributed training: it runs
+    before anything is loaded).
     """
     def epoch(e):
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
+        if shard is not None:
+            order = shard(order)
         dataset = tf.data.Dataset.from_tensor_slices(order)
         if parallel:  # deterministic order keeps runs reproducible; work stays parallel
             return dataset.map(lambda i: load(i, e),

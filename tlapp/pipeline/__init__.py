@@ -22,6 +22,7 @@ from tlapp.inference.runs import Run
 from tlapp.reporting import tracking
 from tlapp.pipeline import folder, rates, stages
 from tlapp.pipeline.plan import Splits, precision_policy, resolve_plan, scan_data
+from tlapp.training import distribute
 from tlapp.training.checkpoint import Checkpoint
 from tlapp.training.lr_find import MAX_LR, MIN_LR, STEPS, RangeTest
 
@@ -83,17 +84,22 @@ def run(config: Config, resume: bool = False, scans: dict | None = None) -> Run:
     passes the same dict to each): the folder is scanned once per split setting. With
     config.track == "mlflow" the run is logged to MLflow (`tlapp.reporting.tracking`).
     """
+    layout = distribute.make_layout(config)  # first: multi-worker precedes any TensorFlow op
+    config = config.replace(strategy=layout.name)
     spec = registry.get_spec(config.backbone, config.preprocess)
     out = Path(config.out or folder.default_out(spec.name)).expanduser()
-    folder.check_out(out)
     if config.track == "mlflow":
         tracking.import_mlflow()  # missing: say so before any folder is made
+    if not layout.is_chief:  # a worker writes nothing of the run folder: no lock, no tracking
+        return _run(config, spec, out, folder.worker_dir(out, resume), None, scans, layout,
+                    resume)
+    folder.check_out(out)
     with folder.run_lock(out):
         try:
             temp = folder.prepare_out(out, resume)
             with tracking.maybe_run(config.track == "mlflow", out.name,
                                     run_id_file=temp / "mlflow_run_id.txt") as tracker:
-                finished = _run(config, spec, out, temp, tracker, scans)
+                finished = _run(config, spec, out, temp, tracker, scans, layout, resume)
                 if tracker:
                     tracker.log_params(tracking.params_of(finished.config.to_dict()))
                     tracker.log_metrics(finished.metrics)
@@ -108,14 +114,21 @@ def run(config: Config, resume: bool = False, scans: dict | None = None) -> Run:
             raise
 
 
-def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | None) -> Run:
+def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | None,
+         layout: distribute.Layout, resume: bool) -> Run:
     start = time.perf_counter()
+    if resume:
+        distribute.check_resume_layout(temp, layout)
     cache_dir = Path(config.cache_dir or config_lib.default_cache_dir()).expanduser()
     scanned = scan_data(config, cache_dir, scans)
     timings = {"scan_s": time.perf_counter() - start}
-    with precision_policy(config.mixed_precision), contextlib.ExitStack() as closing:
-        plan = resolve_plan(config, spec, scanned, cache_dir, out)
+    with precision_policy(config.mixed_precision), contextlib.ExitStack() as closing, \
+            layout.scope():
+        if not layout.is_chief:
+            closing.callback(folder.discard_worker_dir, temp)
+        plan = resolve_plan(config, spec, scanned, cache_dir, out, layout)
         models = stages.build_models(plan)
+        distribute.synchronize_batchnorm(models.full, layout)
         folder.write_run_files(temp, plan, scanned)
         stages.log_model(plan, models)
         splits = Splits.of(scanned)
@@ -154,10 +167,14 @@ def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | Non
                              [c for c in (logger("fine_tune"),) if c])
             timings["fine_tune_s"] = time.perf_counter() - tick
             features = None  # the stem changed: evaluate on images
+        distribute.synchronize_batchnorm(models.full, layout, False)
         results, probabilities = stages.evaluate_splits(plan, models, splits, features,
                                                         scanned.classes)
         tick = time.perf_counter()
-        folder.save_outputs(temp, models, scanned, splits, checkpoint, results, probabilities)
+        if layout.is_chief:  # the only writer of the run folder; outside the strategy, so
+            with layout.paused():  # that nothing in it waits for the other workers
+                folder.save_outputs(temp, models, scanned, splits, checkpoint, results,
+                                    probabilities)
         timings["save_export_s"] = time.perf_counter() - tick
     weights = stages.class_weights(config, splits, plan.classes)
     metrics = {
@@ -173,10 +190,13 @@ def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | Non
             "reject": results["reject"]} if "calibration" in results else {}),
         "final_epoch": checkpoint.state["history"][-1] if checkpoint.state["history"] else {},
         **({"lr_find": auto} if auto else {}),
+        "distribution": layout.record(),
         "timings": {k: round(v, 3) for k, v in timings.items()}
         | {"total_s": round(time.perf_counter() - start, 3)},
     }
-    folder.finish_run(temp, out, metrics)
+    if layout.is_chief:
+        folder.finish_run(temp, out, metrics)
+    distribute.barrier(layout)  # a worker that exits early aborts the others' collectives
     log.info("done: val accuracy %s, test accuracy %s; run folder %s",
              _percent(metrics["val_accuracy"]), _percent(metrics["test_accuracy"]), out)
     return Run(out, plan.config, scanned.classes, metrics, models.full)

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tlapp.inference.evaluate import write_reports
 from tlapp.inference.export import export_saved_model
 from tlapp.pipeline.plan import Plan, Splits
 from tlapp.reporting.plots import plot_coverage, plot_history, plot_reliability
-from tlapp.training import fit, head
+from tlapp.training import distribute, fit, head
 from tlapp.training.checkpoint import Checkpoint
 
 
@@ -93,12 +94,29 @@ def prepare_out(out: Path, resume: bool) -> Path:
     return temp
 
 
+def worker_dir(out: Path, resume: bool) -> Path:
+    """The folder of a multi-worker run on a worker other than the chief, which alone writes
+    the run folder: a private temporary folder (deleted with `discard_worker_dir`), holding a
+    copy of the chief's partial folder when resuming (so --out must be on a file system that
+    every worker shares)."""
+    scratch = Path(tempfile.mkdtemp(prefix="tlapp-worker-")) / "run"
+    if resume:
+        shutil.copytree(partial_dir(out), scratch, ignore=shutil.ignore_patterns("logs"))
+    return scratch
+
+
+def discard_worker_dir(temp: Path) -> None:
+    shutil.rmtree(temp.parent, ignore_errors=True)
+
+
 def write_run_files(temp: Path, plan: Plan, scanned: ScannedData) -> None:
-    """config.toml, labels.txt and split.json: written first, so a run can be resumed."""
+    """config.toml, labels.txt, split.json and distribution.json: written first, so a run
+    can be resumed."""
     temp.mkdir(parents=True, exist_ok=True)
     write_text(temp / "config.toml", config_lib.to_toml(plan.config))
     write_text(temp / "labels.txt", "\n".join(scanned.classes) + "\n")
     write_text(temp / "split.json", json.dumps(scanned.split_json(), indent=1) + "\n")
+    write_json(temp / distribute.LAYOUT_FILE, plan.layout.record())  # checked by --resume
 
 
 def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: Splits,
@@ -126,6 +144,7 @@ def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: 
                        thresholds=thresholds,
                        reject_below=reject["reject_below"] if reject else None)
     shutil.rmtree(temp / "checkpoints", ignore_errors=True)  # the run is complete
+    (temp / distribute.LAYOUT_FILE).unlink(missing_ok=True)  # in metrics.json from now on
 
 
 def write_decision_plots(temp: Path, report: dict | None, reject: dict | None,

@@ -15,6 +15,7 @@ from tlapp.config import Config
 from tlapp.constants import SPLITS
 from tlapp.data.scan import ScannedData, resolve_data, scan_folder
 from tlapp.errors import UserInputError
+from tlapp.training.distribute import Layout, one_device
 
 
 @dataclasses.dataclass
@@ -28,6 +29,7 @@ class Plan:
     fine_tune_cut: str | None  # where the frozen part ends in stage 2
     cache_dir: Path
     labels: list[str]  # class names in class-index order
+    layout: Layout  # the tf.distribute strategy it trains with
 
     @property
     def classes(self) -> int:
@@ -109,9 +111,11 @@ def precision_policy(mixed: bool):
 
 
 def resolve_plan(config: Config, spec: BackboneSpec, scanned: ScannedData, cache_dir: Path,
-                 out: Path, base: keras.Model | None = None) -> Plan:
+                 out: Path, layout: Layout | None = None, base: keras.Model | None = None
+                 ) -> Plan:
     """Builds the backbone (or takes `base`, one built for the same backbone, weights, size
-    and seed) and turns every "resolve a default" of the config into a value."""
+    and seed) and turns every "resolve a default" of the config into a value. `layout`: the
+    run's strategy (default one device)."""
     image_size = config.image_size or spec.default_size
     if base is None:
         base = registry.build_backbone(spec, config.weights, image_size, config.seed)
@@ -133,4 +137,5 @@ def resolve_plan(config: Config, spec: BackboneSpec, scanned: ScannedData, cache
         image_size=image_size, cut=cut, trainable_blocks="all" if scratch else None,
         cache_dir=str(cache_dir.resolve()), out=str(out.resolve()),
         **registry.resolved_source(spec, config.weights))
-    return Plan(resolved, spec, base, cut, fine_tune_cut, cache_dir, scanned.classes)
+    return Plan(resolved, spec, base, cut, fine_tune_cut, cache_dir, scanned.classes,
+                layout or one_device(config.batch_size))

@@ -21,7 +21,7 @@ from tlapp.features.loader import FeatureLoader
 from tlapp.inference import calibration, multilabel
 from tlapp.inference.evaluate import classification_metrics
 from tlapp.pipeline.plan import Plan, Splits
-from tlapp.training import fit, head
+from tlapp.training import distribute, fit, head, sharding
 from tlapp.training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def log_model(plan: Plan, models: head.Models) -> None:
 def adapt_live(plan: Plan, models: head.Models, splits: Splits) -> None:
     """Standardises the head from pooled training images (identity from scratch)."""
     head.adapt_head(models, None if plan.cut is None else (
-        models.pooled_pixels.predict_on_batch(x) for x in
+        sharding.predict_batch(models.pooled_pixels, x) for x in
         datasets.image_dataset(splits.paths["train"], plan.image_size,
                                plan.config.batch_size)))
 
@@ -118,8 +118,12 @@ def cached_features(plan: Plan, models: head.Models, scanned: ScannedData, split
     stats = None
     for attempt in (1, 2):
         cache = FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
-        found = extract_features(cache, models.stem, scanned, plan.image_size,
-                                 config.batch_size, pca=pca)
+        # Outside the strategy: one copy of each row. Workers extract after the chief, so
+        # that in a shared cache they find its rows instead of writing the same ones again.
+        with plan.layout.paused(), distribute.chief_first(plan.layout):
+            found = extract_features(cache, distribute.extraction_model(models.stem,
+                                                                        plan.layout),
+                                     scanned, plan.image_size, config.batch_size, pca=pca)
         stats = found if stats is None else {  # the second time: the damaged rows only
             "extracted": stats["extracted"] + found["extracted"],
             "reused": stats["reused"] - found["extracted"],
@@ -147,7 +151,8 @@ def adapt_cached(plan: Plan, models: head.Models, splits: Splits, loaders: dict)
     batch_size = plan.config.batch_size
     features = {name: datasets.ordered_batches(loaders[name], splits.count(name), batch_size)
                 for name in SPLITS}
-    head.adapt_head(models, (x if models.pooled else models.pooled_features.predict_on_batch(x)
+    head.adapt_head(models, (x if models.pooled else
+                             sharding.predict_batch(models.pooled_features, x)
                              for x, _ in features["train"]))
     return features
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -18,9 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from tlapp.augment import ops as augment_ops
-from tlapp.data.datasets import shuffled_batches
 from tlapp.files import write_atomic
 from tlapp.progress import fit_verbosity
+from tlapp.training import sharding
 from tlapp.training.checkpoint import (HISTORY_FIELDS, Checkpoint, EarlyStopping,
                                        ReduceLROnPlateau)
 
@@ -146,7 +145,7 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
     checkpoint. Returns the history rows of this stage (one per epoch, including resumed
     ones).
     """
-    steps = math.ceil(n_train / settings.batch_size)
+    steps = sharding.steps_per_epoch(model.distribute_strategy, n_train, settings.batch_size)
     optimizer = make_optimizer(settings, steps)
     if settings.multi_label:  # "accuracy": the share of right yes/no decisions
         loss = keras.losses.BinaryCrossentropy(label_smoothing=settings.label_smoothing)
@@ -183,13 +182,14 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
             checkpoint.restore_optimizer(optimizer)
             checkpoint.restore_callbacks()
         callbacks += [*extra, checkpoint]  # the checkpoint last: it saves what others left
-        train = shuffled_batches(n_train, settings.batch_size, settings.seed, done,
-                                 settings.epochs, train_loader, parallel)
+        train, class_weight = sharding.training_batches(
+            model.distribute_strategy, n_train, settings.batch_size, settings.seed, done,
+            settings.epochs, train_loader, parallel, settings.class_weight)
         # Stopped early just before a kill: no epoch runs, the callbacks only end the stage.
         first = settings.epochs if done and checkpoint.stopped_early(stage) else done
         model.fit(train, epochs=settings.epochs, initial_epoch=first, steps_per_epoch=steps,
                   validation_data=val_batches, callbacks=callbacks,
-                  class_weight=settings.class_weight, shuffle=False,
+                  class_weight=class_weight, shuffle=False,
                   verbose=fit_verbosity())
     rows = [row for row in checkpoint.state["history"] if row["stage"] == stage]
     if rows:

@@ -1,0 +1,79 @@
+"""Input pipelines and predictions under a tf.distribute strategy (see distribute.py).
+
+With more than one replica, each input pipeline (one per worker) cuts every global batch
+of an epoch's shuffled order into its own part before it loads anything, so each worker
+decodes (or reads from the feature cache) only its images, and the replicas of a step
+together see exactly the global batch one device would (the notes on `training_batches`).
+With one replica, everything here is what it was without a strategy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlapp.data import datasets
+from tlapp.errors import UserInputError
+
+
+def steps_per_epoch(strategy: tf.distribute.Strategy, n: int, batch_size: int) -> int:
+    """Training steps of one epoch of n examples: the last one partial on one replica; only
+    whole global batches on several (each replica must get its full share)."""
+    if strategy.num_replicas_in_sync == 1:
+        return math.ceil(n / batch_size)
+    if n < batch_size:
+        raise UserInputError(
+            f"With {strategy.num_replicas_in_sync} replicas each training step needs a whole "
+            f"global batch, and there are fewer training images than --batch-size. Lower "
+            f"--batch-size. Received: batch_size={batch_size} with {n} training images")
+    return n // batch_size
+
+
+def training_batches(strategy: tf.distribute.Strategy, n: int, batch_size: int, seed: int,
+                     first_epoch: int, epochs: int, load: Callable, parallel: bool,
+                     class_weight: dict | None) -> tuple:
+    """`datasets.shuffled_batches` for `strategy`, and the class_weight to give `fit`.
+
+    On one replica it is that dataset itself. On several, a distributed dataset whose
+    pipelines shard the order before loading (`shard_order`), and whose class weights are
+    sample weights (Keras cannot map a distributed dataset to add them).
+    """
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return datasets.shuffled_batches(n, batch_size, seed, first_epoch, epochs, load,
+                                         parallel), class_weight
+    steps = steps_per_epoch(strategy, n, batch_size)
+    weights = None if class_weight is None else tf.constant(
+        [class_weight.get(i, 1.0) for i in range(max(class_weight) + 1)], tf.float32)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        dataset = datasets.shuffled_batches(
+            n, batch_size // replicas, seed, first_epoch, epochs, load, parallel,
+            shard=lambda order: shard_order(order, steps, batch_size,
+                                            context.num_input_pipelines,
+                                            context.input_pipeline_id))
+        if weights is None:
+            return dataset
+        return dataset.map(lambda x, y: (x, y, tf.gather(weights, tf.argmax(y, axis=-1))))
+
+    return strategy.distribute_datasets_from_function(dataset_fn), None
+
+
+def shard_order(order: tf.Tensor, steps: int, batch_size: int, pipelines: int,
+                pipeline: int) -> tf.Tensor:
+    """The indices input pipeline `pipeline` of `pipelines` reads from an epoch's order: of
+    each of the `steps` global batches (order[g * batch_size:(g + 1) * batch_size]) its
+    contiguous part, which its replicas then take one per-replica batch each, in order."""
+    parts = tf.reshape(order[:steps * batch_size], [steps, pipelines, -1])
+    return tf.reshape(parts[:, pipeline], [-1])
+
+
+def predict_batch(model: keras.Model, x) -> np.ndarray:
+    """`model.predict_on_batch(x)` with one row per row of x: under a strategy with several
+    replicas predict_on_batch returns one copy of the batch per replica."""
+    if model.distribute_strategy.num_replicas_in_sync == 1:
+        return model.predict_on_batch(x)
+    return keras.ops.convert_to_numpy(model(x, training=False))
