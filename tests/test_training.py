@@ -226,7 +226,7 @@ def test_aug_views_without_a_spec_is_rejected(tmp_path, capsys):
 
 KILL_RUN = ["--backbone", "lenet5", "--weights", "none", "--image-size", "32", "--epochs", "8",
             "--batch-size", "4", "--lr", "0.05", "--early-stopping", "2", "--lr-schedule",
-            "plateau"]
+            "plateau", "--seed", "1"]
 
 
 def train_process(data, cache, out, *extra, env=None):
@@ -238,8 +238,9 @@ def train_process(data, cache, out, *extra, env=None):
 
 @pytest.fixture(scope="module")
 def early_stopped(tmp_path_factory):
-    """A run that early stopping ends at epoch 5 of 8 (best val loss at 3, patience 2), after
-    reduce-on-plateau lowered the rate at epoch 5."""
+    """A run that early stopping ends at epoch 6 of 8 (best val loss at 4, patience 2), after
+    reduce-on-plateau lowered the rate. (The seed picks such a trajectory: with a head
+    initialised differently, another seed may stop earlier or not at all.)"""
     base = tmp_path_factory.mktemp("killed")
     data = make_folder(base / "data", per_class=6)
     result = train_process(data, base / "cache", base / "whole")
@@ -253,7 +254,7 @@ def test_early_stopping_and_plateau_state_survive_resume(early_stopped):
     the same rates (before: the counters restarted and it trained on)."""
     base, data, whole = early_stopped
     rows = history(whole)
-    assert len(rows) == 5 and whole.metrics["final_epoch"]["lr"] < 0.05
+    assert len(rows) == 6 and whole.metrics["final_epoch"]["lr"] < 0.05
     killed = train_process(data, base / "cache", base / "after4",
                            env={checkpoint.FAULT_VARIABLE: "4:7"})
     assert killed.returncode == -signal.SIGKILL

@@ -134,7 +134,8 @@ def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: 
         write_reports(temp, results["test"], [s.path for s in scanned.split("test")],
                       splits.labels["test"], probabilities["test"], scanned.classes)
     reject = results.get("reject")
-    write_decision_plots(temp, results.get("calibration"), reject, probabilities, splits)
+    if thresholds is None:  # calibration and coverage are of one label per image
+        write_decision_plots(temp, results.get("calibration"), reject, probabilities, splits)
     if reject is not None:
         write_json(temp / calibration.REJECT_FILE, {
             "reject_below": reject["reject_below"], "chosen": reject["chosen"],

@@ -117,10 +117,11 @@ def cached_features(plan: Plan, models: head.Models, scanned: ScannedData, split
                     augment=config.augment, augment_seed=config.seed)
     stats = None
     for attempt in (1, 2):
-        cache = FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
-        # Outside the strategy: one copy of each row. Workers extract after the chief, so
-        # that in a shared cache they find its rows instead of writing the same ones again.
+        # Outside the strategy: one copy of each row. Workers open the entry and extract
+        # after the chief, so that in a shared cache they find its rows instead of writing
+        # the same ones again.
         with plan.layout.paused(), distribute.chief_first(plan.layout):
+            cache = FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
             found = extract_features(cache, distribute.extraction_model(models.stem,
                                                                         plan.layout),
                                      scanned, plan.image_size, config.batch_size, pca=pca)

@@ -143,6 +143,7 @@ def plot_explanation(pixels: np.ndarray, heatmap: np.ndarray, top: list[tuple[st
     axes[2].set_yticks(range(len(top)), names, fontsize=8)
     axes[2].set_xlim(0, 1)
     axes[2].set_title("top classes", fontsize=9)
+    save_figure(figure, path)
 
 
 def plot_lr_find(rates: list[float], losses: list[float], smoothed: list[float],
