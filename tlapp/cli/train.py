@@ -89,6 +89,22 @@ def add_parsers(commands) -> None:
     add_config_flags(finder, exclude=("out", "track"))
     finder.set_defaults(func=cmd_lr_find)
 
+    extract = commands.add_parser(
+        "extract", help="fill the feature cache (or one shard of it) without training",
+        description="Runs the frozen stem that the train flags define on every image of "
+                    "DATA, or with --shard I/N on part I of N (by content hash), and stores "
+                    "the activations in the cache. Shards can run at once, on one machine or "
+                    "several sharing the cache folder; 'tlapp train' with the same flags then "
+                    "extracts only what is missing. Without --shard, a process with a "
+                    "TF_CONFIG of several tasks takes its part from it.")
+    extract.add_argument("data", nargs="?", metavar="DATA",
+                         help=config_lib.FIELDS["data"].metadata["help"])
+    extract.add_argument("--config", metavar="FILE.toml", help="TOML file of settings")
+    extract.add_argument("--shard", metavar="I/N",
+                         help="extract part I of N (0 <= I < N), e.g. $SLURM_ARRAY_TASK_ID/8")
+    add_config_flags(extract, exclude=("out", "track", "strategy"))
+    extract.set_defaults(func=cmd_extract)
+
 
 def config_from_args(args) -> config_lib.Config:
     """A --config file, DATA and the flags given (which override the file)."""
@@ -123,6 +139,17 @@ def cmd_train(args) -> int:
 
     config = getattr(args, "train_config", None) or train_config(args)
     pipeline.run(config, resume=bool(args.resume))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from tlapp.pipeline import extraction
+
+    shard = extraction.parse_shard(args.shard)  # a bad --shard: said before any work
+    stats = extraction.extract(config_from_args(args), shard)
+    print(f"{'shard ' + stats['shard'] + ': ' if stats['shard'] else ''}{stats['images']:,} "
+          f"images: extracted {stats['extracted']:,} rows, reused {stats['reused']:,} "
+          f"(cache entry {stats['entry']})")
     return 0
 
 
