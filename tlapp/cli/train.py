@@ -51,15 +51,20 @@ def add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
                             metavar=metavar)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """DATA and --config, as every command that builds a Config takes them."""
+    parser.add_argument("data", nargs="?", metavar="DATA",
+                        help=config_lib.FIELDS["data"].metadata["help"])
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file of settings")
+
+
 def add_parsers(commands) -> None:
     train = commands.add_parser(
         "train", help="train a classifier on an image folder",
         description="Extract features with a frozen pretrained stem (cached), train the top "
                     "and a new softmax head, evaluate, and export. Every flag can also be set "
                     "in a TOML file given with --config; flags override the file.")
-    train.add_argument("data", nargs="?", metavar="DATA",
-                       help=config_lib.FIELDS["data"].metadata["help"])
-    train.add_argument("--config", metavar="FILE.toml", help="TOML file of settings")
+    add_data_arguments(train)
     add_config_flags(train)
     train.add_argument("--resume", metavar="RUN", help="continue the interrupted run whose "
                        "--out was RUN from its last checkpoint (other flags are ignored)")
@@ -73,9 +78,7 @@ def add_parsers(commands) -> None:
                     "Stage 1 runs on cached features (extracting only what the cache lacks); "
                     "--stage fine-tune trains stage 1 first, then tests the fine-tuning stage "
                     "on images. Takes every flag of 'tlapp train'.")
-    finder.add_argument("data", nargs="?", metavar="DATA",
-                        help=config_lib.FIELDS["data"].metadata["help"])
-    finder.add_argument("--config", metavar="FILE.toml", help="TOML file of settings")
+    add_data_arguments(finder)
     finder.add_argument("--stage", default="head", choices=["head", "fine-tune"],
                         help="head: stage 1 (default); fine-tune: the fine-tuning stage")
     finder.add_argument("--steps", type=int, default=200, metavar="N",
@@ -88,6 +91,20 @@ def add_parsers(commands) -> None:
                         help="plot to write (default lr_find.png)")
     add_config_flags(finder, exclude=("out", "track"))
     finder.set_defaults(func=cmd_lr_find)
+
+    extract = commands.add_parser(
+        "extract", help="fill the feature cache (or one shard of it) without training",
+        description="Runs the frozen stem that the train flags define on every image of "
+                    "DATA, or with --shard I/N on part I of N (by content hash), and stores "
+                    "the activations in the cache. Shards can run at once, on one machine or "
+                    "several sharing the cache folder; 'tlapp train' with the same flags then "
+                    "extracts only what is missing. Without --shard, a process with a "
+                    "TF_CONFIG of several tasks takes its part from it.")
+    add_data_arguments(extract)
+    extract.add_argument("--shard", metavar="I/N",
+                         help="extract part I of N (0 <= I < N), e.g. $SLURM_ARRAY_TASK_ID/8")
+    add_config_flags(extract, exclude=("out", "track", "strategy"))
+    extract.set_defaults(func=cmd_extract)
 
 
 def config_from_args(args) -> config_lib.Config:
@@ -123,6 +140,17 @@ def cmd_train(args) -> int:
 
     config = getattr(args, "train_config", None) or train_config(args)
     pipeline.run(config, resume=bool(args.resume))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from tlapp.pipeline import extraction
+
+    shard = extraction.parse_shard(args.shard)  # a bad --shard: said before any work
+    stats = extraction.extract(config_from_args(args), shard)
+    print(f"{'shard ' + stats['shard'] + ': ' if stats['shard'] else ''}{stats['images']:,} "
+          f"images: extracted {stats['extracted']:,} rows, reused {stats['reused']:,} "
+          f"(cache entry {stats['entry']})")
     return 0
 
 

@@ -107,21 +107,27 @@ def stage_one_name(plan: Plan) -> str:
     return "scratch" if plan.cut is None else "head"
 
 
+def feature_cache(plan: Plan, models: head.Models) -> FeatureCache:
+    """The cache entry of the plan's stem (its key: everything that changes activations)."""
+    config = plan.config
+    key = cache_key(plan.spec.name, models.stem, plan.cut, models.pooled, plan.image_size,
+                    plan.spec.preprocess, views=config.aug_views, dtype=config.cache_dtype,
+                    augment=config.augment, augment_seed=config.seed)
+    return FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
+
+
 def cached_features(plan: Plan, models: head.Models, scanned: ScannedData, splits: Splits,
                     pca, closing: contextlib.ExitStack) -> tuple[dict, dict]:
     """Extracts what the cache lacks; returns a streaming loader per split (closed with
     `closing`) and the cache statistics."""
     config = plan.config
-    key = cache_key(plan.spec.name, models.stem, plan.cut, models.pooled, plan.image_size,
-                    plan.spec.preprocess, views=config.aug_views, dtype=config.cache_dtype,
-                    augment=config.augment, augment_seed=config.seed)
     stats = None
     for attempt in (1, 2):
         # Outside the strategy: one copy of each row. Workers open the entry and extract
         # after the chief, so that in a shared cache they find its rows instead of writing
         # the same ones again.
         with plan.layout.paused(), distribute.chief_first(plan.layout):
-            cache = FeatureCache(plan.cache_dir, key, config.cache_shard_mb * 2**20)
+            cache = feature_cache(plan, models)
             found = extract_features(cache, distribute.extraction_model(models.stem,
                                                                         plan.layout),
                                      scanned, plan.image_size, config.batch_size, pca=pca)
