@@ -82,3 +82,16 @@ def huge_jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (14000, 13000), 128).save(buffer, "JPEG", quality=80)
     return buffer.getvalue()
+
+
+def run_cli(capsys, *args):
+    """(exit status, stdout, stderr) of `tlapp ARGS...` run in this process; argparse's own
+    usage errors (SystemExit) count as their status."""
+    from tlapp import cli
+
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

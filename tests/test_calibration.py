@@ -7,18 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_folder
-from tlapp import cli
+from conftest import make_folder, run_cli
 from tlapp.inference import calibration
-
-
-def run_cli(capsys, *args):
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_ece_against_a_hand_computed_example():

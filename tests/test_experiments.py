@@ -1,4 +1,5 @@
 import csv
+import re
 import json
 
 import pytest
@@ -137,3 +138,19 @@ def test_unexpected_errors_are_recorded_and_exit_1(tmp_path, monkeypatch):
                                                      "RuntimeError: out of memory"]
     assert result.exit_status == 1
     assert "RuntimeError" in (tmp_path / "out" / "errors" / "lr=0.1.txt").read_text()
+
+
+@pytest.mark.slow
+def test_experiment_report_links_each_run_and_escapes_nothing_into_script(experiment):
+    import html.parser
+
+    _, out, _ = experiment
+    page = (out / "report.html").read_text()
+    links = re.findall(r'href="([^"]+)"', page)
+    assert sorted(links) == ["lr=0.001/report.html", "lr=0.01/report.html"]
+    assert all((out / link).is_file() for link in links)
+    assert 'src="plots/results.png"' in page and (out / "plots" / "results.png").is_file()
+    script = page[page.index("<script>"):page.index("</script>")]
+    assert "lr=0.0" not in script and "broken" not in script  # no run text in the script
+    parser = html.parser.HTMLParser()
+    parser.feed(page)  # well-formed enough to parse

@@ -7,16 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlapp import cli
-
-
-def run_cli(capsys, *args):
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import run_cli
 
 
 def corner_folder(root: Path, per_class: int = 16) -> Path:

@@ -9,16 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CLASS_HUES, make_folder, write_image
-from tlapp import cli
+from conftest import CLASS_HUES, make_folder, run_cli, write_image
 from tlapp.data.scan import expand_inputs, scan_folder
 from tlapp.errors import UserInputError
-
-
-def run_cli(capsys, *args):
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_csv(path: Path, rows: list[list], header=("path", "label")) -> Path:

@@ -33,6 +33,7 @@ import keras
 from tlapp import config as config_lib, pipeline
 from tlapp.errors import UserInputError
 from tlapp.files import write_text
+from tlapp.inference.report import write_experiment_report
 from tlapp.reporting import tracking
 from tlapp.reporting.plots import plot_results
 
@@ -205,6 +206,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
             result.rows.append(row)
             write_results(result)
     plot_results(result.rows, out / "plots" / "results.png")
+    write_results(result)  # again: report.html shows the plot
     counts = {s: sum(r["status"] == s for r in result.rows)
               for s in ("trained", "skipped", "failed")}
     log.info("experiment: %d trained, %d skipped (finished earlier), %d failed; results in %s",
@@ -266,13 +268,23 @@ def write_results(result: ExperimentResult) -> None:
         markdown += "\nFailed runs (tracebacks in errors/):\n\n" + "".join(
             f"- {row['run']}: {row['error']}\n" for row in failed)
     write_text(result.out / "results.md", markdown)
+    header, rows = results_rows(result)
+    write_experiment_report(result.out, header, rows, [row["run"] for row in result.rows])
 
 
 def results_table(result: ExperimentResult) -> str:
     """A Markdown table: run, varying settings, status, accuracies, times, cache hits."""
+    header, rows = results_rows(result)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def results_rows(result: ExperimentResult) -> tuple[list[str], list[list[str]]]:
+    """The results table's header and rows, as text."""
     header = ["run", *result.keys, "status", "val acc", "test acc", "train s", "extract s",
               "cache hits"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for row in result.rows:
         cells = [row["run"], *(format_value(row[k]) if row[k] != "" else "" for k in result.keys),
                  row["status"], _percent(row.get("val_accuracy")),
@@ -280,8 +292,8 @@ def results_table(result: ExperimentResult) -> str:
                  _seconds(row.get("extract_s"))]
         reused, extracted = row.get("cache_reused"), row.get("cache_extracted")
         cells.append("" if reused is None else f"{reused}/{reused + extracted}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return header, rows
 
 
 def _percent(value) -> str:

@@ -61,6 +61,15 @@ def add_parsers(commands) -> None:
                          help="explain this class (default: each image's top class)")
     explain.set_defaults(func=cmd_explain)
 
+    report = commands.add_parser(
+        "report", help="write RUN/report.html (e.g. for a run made before reports existed)",
+        description="Writes RUN/report.html and RUN/report_files/: data, configuration, "
+                    "training curves, per-class metrics, confusion matrix, calibration and "
+                    "coverage, and the most confident test mistakes with Grad-CAM overlays. "
+                    "The page opens from disk, with no server and no network.")
+    report.add_argument("run", metavar="RUN", help="a finished run folder")
+    report.set_defaults(func=cmd_report)
+
     export = commands.add_parser("export", help="export a run or an ensemble (SavedModel, TFLite)")
     export.add_argument("run", nargs="?", metavar="RUN", help="run folder")
     export.add_argument("--ensemble", nargs="+", metavar="RUN",
@@ -160,6 +169,18 @@ def cmd_explain(args) -> int:
                   f"{result['probabilities'][best]:.3f} -> {result['png']}", flush=True)
     if not out:
         raise UserInputError("none of the inputs could be read as an image")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tlapp.inference import runs as runs_lib
+    from tlapp.inference.report import write_report
+
+    run = runs_lib.load_run(args.run)
+    if not run.metrics:
+        raise UserInputError(f"{run.path} has no metrics.json: it is not a finished run, so "
+                             f"there is nothing to report yet.")
+    print(f"wrote {write_report(run.path, run.model, run.metrics)}")
     return 0
 
 

@@ -18,6 +18,7 @@ from tlapp.backbones import registry
 from tlapp.config import Config
 from tlapp.errors import UserInputError
 from tlapp.files import disk_full, is_disk_full
+from tlapp.inference.report import write_report
 from tlapp.inference.runs import Run
 from tlapp.reporting import tracking
 from tlapp.pipeline import folder, rates, stages
@@ -195,11 +196,21 @@ def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | Non
         | {"total_s": round(time.perf_counter() - start, 3)},
     }
     if layout.is_chief:
+        write_report_safely(temp, models.full, metrics, out.name)
         folder.finish_run(temp, out, metrics)
     distribute.barrier(layout)  # a worker that exits early aborts the others' collectives
     log.info("done: val accuracy %s, test accuracy %s; run folder %s",
              _percent(metrics["val_accuracy"]), _percent(metrics["test_accuracy"]), out)
     return Run(out, plan.config, scanned.classes, metrics, models.full)
+
+
+def write_report_safely(temp: Path, model, metrics: dict, name: str) -> None:
+    """report.html; a failure there is reported and never costs the finished run."""
+    try:
+        write_report(temp, model, metrics, name)
+    except Exception as error:  # noqa: BLE001 - the run itself is complete
+        log.warning("report: report.html was not written (%s: %s); 'tlapp report RUN' "
+                    "writes it later", type(error).__name__, error)
 
 
 def _percent(value: float | None) -> str:
