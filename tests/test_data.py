@@ -507,3 +507,25 @@ def test_config_pixel_limit_default_is_the_decoders():
     from tlapp.config import Config
 
     assert Config().max_pixels == decoding.DEFAULT_MAX_PIXELS == constants.DEFAULT_MAX_PIXELS
+
+
+def test_ordered_batches_of_a_multi_batch_loader_keep_their_count_so_keras_does_not_warn():
+    """Regression: rebatch() lost the batch count, and every evaluation warned "Your input
+    ran out of data" (Keras read until the end of a dataset of unknown size)."""
+    from tlapp.data import datasets
+
+    def load(indices):
+        x = tf.cast(tf.reshape(indices, [-1, 1]), tf.float32)
+        return x, tf.one_hot(indices % 2, 2)
+    load.read_rows = 12  # three batches of 4 per call: the rebatch path
+
+    dataset = datasets.ordered_batches(load, 19, 4)
+    assert int(dataset.cardinality()) == 5
+    assert [int(x[0, 0]) for x, _ in dataset] == [0, 4, 8, 12, 16]
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(loss="categorical_crossentropy")
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.evaluate(dataset, verbose=0)
+    assert not [w for w in caught if "ran out of data" in str(w.message)]

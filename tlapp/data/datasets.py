@@ -82,7 +82,11 @@ def ordered_batches(load: Callable, n: int, batch_size: int,
     dataset = tf.data.Dataset.range(n)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size) \
         if parallel else _batched_calls(dataset, batch_size, load, load)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    # rebatch() loses the count; Keras then reads until the end and warns "Your input ran
+    # out of data" at every evaluation.
+    batches = -(-n // batch_size)
+    return dataset.apply(tf.data.experimental.assert_cardinality(batches)) \
+        .prefetch(tf.data.AUTOTUNE)
 
 
 def batches_per_call(load: Callable, batch_size: int) -> int:
