@@ -160,3 +160,57 @@ def test_export_writes_the_card_of_an_old_run(trained_run, tmp_path, capsys):
         ["not an image", "4", "cat/bad0.jpg, cat/bad1.jpg, cat/bad2.jpg, ..."],
         ["empty", "1", "dog/e.png"]]
     assert "label conflicts were not recorded" in text
+
+
+def test_reject_threshold_and_imbalance_are_stated(tmp_path):
+    folder = tmp_path / "run"
+    write_fake_run(folder, ["big", "small"])
+    split = json.loads((folder / "split.json").read_text())
+    split["train"] += [f"big/more{i}.png" for i in range(40)]
+    (folder / "split.json").write_text(json.dumps(split))
+    (folder / "reject.json").write_text(json.dumps({"reject_below": 0.625, "chosen": "auto",
+                                                    "keep": 0.95}))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["reject"] = {"reject_below": 0.625, "chosen": "auto", "keep": 0.95,
+                         "test": {"coverage": 0.5, "selective_accuracy": 1.0}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    text = model_card.model_card(folder)
+    assert "below 0.625 (chosen on the validation split to keep 95% of its images)" in text
+    assert "answers 50.0% of the images, 100.0% of them right" in text
+    assert "the largest class has 11.0x the images of the smallest (imbalanced" in text
+
+
+def test_multi_label_card_has_thresholds_and_exact_set_accuracy(tmp_path):
+    folder = tmp_path / "run"
+    write_fake_run(folder, ["a", "b"])
+    with (folder / "config.toml").open("a") as f:
+        f.write("multi_label = true\n")
+    (folder / "thresholds.json").write_text(json.dumps({"labels": ["a", "b"],
+                                                        "thresholds": [0.3, 0.7]}))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["test"] = {"accuracy": 0.75, "count": 4, "per_label": {
+        "a": {"precision": 1.0, "recall": 0.5, "support": 2, "threshold": 0.3},
+        "b": {"precision": 0.5, "recall": 1.0, "support": 3, "threshold": 0.7}}}
+    del metrics["calibration"]
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    text = model_card.model_card(folder)
+    assert "- test exact label set right: " + model_card.card_sections.estimate(3, 4) in text
+    rows = table_with(render(text), ["class", "test images", "recall (found/images)",
+                                     "precision", "threshold"])
+    assert [r[0] for r in rows] == ["a", "b"] and [r[-1] for r in rows] == ["0.300", "0.700"]
+    assert rows[0][2] == model_card.card_sections.estimate(1, 2)
+    assert "its own threshold" in text and "Calibration: not calibrated" in text
+
+
+def test_ensemble_export_card_holds_every_member(tmp_path):
+    runs = [tmp_path / "one", tmp_path / "two"]
+    for run in runs:
+        write_fake_run(run, ["a", "b"])
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "export.json").write_text(json.dumps({"tta": "flip"}))
+    text = model_card.write_export_card(runs, tmp_path / "export").read_text()
+    assert all((run / CARD).is_file() for run in runs)  # written for runs that had none
+    assert text.startswith("# Model card: ensemble of 2 runs")
+    assert "## Model card: one" in text and "## Model card: two" in text
+    assert "### Metrics" in text and text.count("## This export") == 1
+    assert table_with(render(text), ["setting", "value"]) == [["tta", "flip"]]

@@ -65,6 +65,7 @@ def read_json(path: Path, default=None):
     except (OSError, ValueError):
         return default
 
+
 def classes_section(folder, config, metrics, labels, counts) -> list[str]:
     kind = "labels (several per image)" if config.get("multi_label") else "classes"
     return ["## What it classifies", "",
@@ -81,13 +82,14 @@ def _weights_text(weights: str) -> str:
 
 
 def model_section(folder, config, metrics, labels, counts) -> list[str]:
-    trainable = config.get("trainable_blocks")
+    blocks = config.get("trainable_blocks")
     rows = [["backbone", config.get("backbone", "unknown")],
             ["weights", _weights_text(str(config.get("weights", "unknown")))],
             ["image size", f"{config.get('image_size', '?')} px"],
             ["frozen stem ends at (cut)", config.get("cut") or "the backbone's default"],
-            ["trainable blocks above the cut", "all" if trainable == "all" else
-             trainable if trainable is not None else 0],
+            ["trained in stage 1", "every layer (trainable_blocks = all)" if blocks == "all"
+             else "the new head and the backbone's layers after the cut, if any"
+             + (f" (trainable_blocks = {blocks})" if blocks is not None else "")],
             ["stage 1 (head)", f"{config.get('epochs', '?')} epochs, lr {config.get('lr', '?')},"
                                f" {config.get('optimizer', '?')}"],
             ["stage 2 (fine-tuning)",
@@ -126,16 +128,18 @@ def data_section(folder, config, metrics, labels, counts) -> list[str]:
     skipped = read_json(folder / "split.json", {}).get("skipped") or []
     if not skipped:
         return lines + ["No file was skipped."]
-    by_reason: dict[str, list[str]] = {}
+    number: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}  # a few per reason: split.json holds them all
     for item in skipped:
-        by_reason.setdefault(str(item.get("reason", "unknown")), []).append(
-            str(item.get("path", "")))
-    ordered = sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        reason = str(item.get("reason", "unknown"))
+        number[reason] = number.get(reason, 0) + 1
+        if len(shown := examples.setdefault(reason, [])) < SKIPPED_EXAMPLES:
+            shown.append(str(item.get("path", "")))
     lines += [f"{len(skipped)} file(s) skipped, by reason (split.json lists every one with "
               f"its detail):", ""]
     return lines + table(["reason", "files", "for example"], [
-        [reason, len(paths), ", ".join(paths[:SKIPPED_EXAMPLES])
-         + (", ..." if len(paths) > SKIPPED_EXAMPLES else "")] for reason, paths in ordered])
+        [reason, n, ", ".join(examples[reason]) + (", ..." if n > SKIPPED_EXAMPLES else "")]
+        for reason, n in sorted(number.items(), key=lambda kv: (-kv[1], kv[0]))])
 
 
 def correct_count(result: dict) -> int | None:
