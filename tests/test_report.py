@@ -120,3 +120,23 @@ def test_report_command_rewrites_and_refuses_unfinished_runs(evil_run, tmp_path,
     assert code == 2 and "not a finished run" in err and "Traceback" not in err
     code, out, err = run_cli(capsys, "report", tmp_path / "nothing")
     assert code == 2 and "not a tlapp run folder" in err
+
+
+@pytest.mark.slow
+def test_model_card_of_a_run_with_html_names_and_conflicts(evil_run, capsys):
+    """MODEL_CARD.md (issue 16): the class and skipped file names stay text, and the scan's
+    label conflicts (every image is in both classes) are among the limitations;
+    `tlapp report` writes the card again."""
+    from test_model_card import render, table_with
+
+    card = evil_run.path / "MODEL_CARD.md"
+    card.unlink()
+    code, out, err = run_cli(capsys, "report", evil_run.path)
+    assert code == 0 and "MODEL_CARD.md" in out, err
+    text = card.read_text()
+    rendered = render(text)
+    assert "<b>" not in rendered and "<img" not in rendered
+    assert [r[1] for r in table_with(rendered, ["index", "class"])] == [EVIL_CLASS, "dog"]
+    assert table_with(rendered, ["reason", "files", "for example"]) == [
+        ["empty", "1", f"{EVIL_CLASS}/{EVIL_FILE}"]]
+    assert "Label conflicts: 10 image content(s) appear under more than one class" in text

@@ -62,7 +62,7 @@ def add_parsers(commands) -> None:
     explain.set_defaults(func=cmd_explain)
 
     report = commands.add_parser(
-        "report", help="write RUN/report.html (e.g. for a run made before reports existed)",
+        "report", help="write RUN/report.html and RUN/MODEL_CARD.md (e.g. for an older run)",
         description="Writes RUN/report.html and RUN/report_files/: data, configuration, "
                     "training curves, per-class metrics, confusion matrix, calibration and "
                     "coverage, and the most confident test mistakes with Grad-CAM overlays. "
@@ -175,17 +175,20 @@ def cmd_explain(args) -> int:
 def cmd_report(args) -> int:
     from tlapp.inference import runs as runs_lib
     from tlapp.inference.report import write_report
+    from tlapp.reporting.model_card import write_model_card
 
     run = runs_lib.load_run(args.run)
     if not run.metrics:
         raise UserInputError(f"{run.path} has no metrics.json: it is not a finished run, so "
                              f"there is nothing to report yet.")
     print(f"wrote {write_report(run.path, run.model, run.metrics)}")
+    print(f"wrote {write_model_card(run.path)}")
     return 0
 
 
 def cmd_export(args) -> int:
     from tlapp.inference import export, runs as runs_lib
+    from tlapp.reporting import model_card
 
     paths = ([args.run] if args.run else []) + (args.ensemble or [])
     if not paths:
@@ -194,5 +197,6 @@ def cmd_export(args) -> int:
     out = export.export_runs(runs, args.out, format=args.format, tta=args.tta,
                              quantize=args.quantize, overwrite=args.overwrite,
                              reject_below=args.reject_below)
+    model_card.write_export_card([r.path for r in runs], out)  # and RUN/MODEL_CARD.md if missing
     print(f"exported {'TFLite model' if args.format == 'tflite' else 'SavedModel'} to {out}")
     return 0

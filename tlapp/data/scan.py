@@ -61,6 +61,8 @@ class ScannedData:
     groups: dict | None = None  # with groups: how many groups each split holds
     source: str = "folders"  # "folders", "list" (CSV, JSON Lines) or "names" (--label-from)
     multi_label: bool = False  # samples carry every label in `labels`
+    conflicts: int = 0  # contents found under more than one label
+    leaks: int = 0  # contents found in more than one given split (or group)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -70,13 +72,17 @@ class ScannedData:
         splits = collections.Counter(s.split for s in self.samples)
         labels = collections.Counter(label for s in self.samples
                                      for label in (s.labels or (s.label,)))
+        by_split = collections.Counter((label, s.split) for s in self.samples
+                                       for label in (s.labels or (s.label,)))
         reasons = collections.Counter(item["reason"] for item in self.skipped)
         return {"found": len(self.samples) + len(self.skipped) + len(self.ignored),
                 "used": len(self.samples), "skipped": len(self.skipped),
                 "ignored": len(self.ignored)} | {name: splits[name] for name in SPLITS} | {
-            "duplicates": self.duplicates,
+            "duplicates": self.duplicates, "conflicts": self.conflicts, "leaks": self.leaks,
             "skipped_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "per_class": {name: labels[i] for i, name in enumerate(self.classes)}} | (
+            "per_class": {name: labels[i] for i, name in enumerate(self.classes)},
+            "per_class_split": {name: {split: by_split[i, split] for split in SPLITS}
+                                for i, name in enumerate(self.classes)}} | (
             {"groups": self.groups} if self.groups is not None else {})
 
     def split_json(self) -> dict:
@@ -301,7 +307,8 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
                            "max_pixels": max_pixels} | (
                            {"label_from": label_from} if label_from else {}) | (
                            {"group_by": group_by} if group_by else {}),
-                       report.get("groups"), source, multi_label)
+                       report.get("groups"), source, multi_label, report["conflicts"],
+                       report["leaks"])
     report_scan(data)
     return data
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,9 +19,12 @@ from tlapp.inference import calibration, multilabel
 from tlapp.inference.evaluate import write_reports
 from tlapp.inference.export import export_saved_model
 from tlapp.pipeline.plan import Plan, Splits
+from tlapp.reporting.model_card import write_export_card, write_model_card
 from tlapp.reporting.plots import plot_coverage, plot_history, plot_reliability
 from tlapp.training import distribute, fit, head
 from tlapp.training.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def default_out(backbone: str) -> Path:
@@ -168,9 +172,10 @@ def write_decision_plots(temp: Path, report: dict | None, reject: dict | None,
 
 
 def finish_run(temp: Path, out: Path, metrics: dict) -> None:
-    """metrics.json last, then the partial folder becomes the run folder; nothing that
-    appeared at `out` meanwhile is replaced."""
+    """metrics.json last (then MODEL_CARD.md, made from the files), then the partial folder
+    becomes the run folder; nothing that appeared at `out` meanwhile is replaced."""
     write_json(temp / "metrics.json", metrics)
+    write_card_safely(temp, out.name)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if out.exists():
@@ -178,3 +183,15 @@ def finish_run(temp: Path, out: Path, metrics: dict) -> None:
                              f"was left in {temp}: move it where you want it.")
     out.parent.mkdir(parents=True, exist_ok=True)
     temp.rename(out)
+
+
+def write_card_safely(temp: Path, name: str) -> None:
+    """MODEL_CARD.md in the run folder and its SavedModel; a failure there is reported and
+    never costs the finished run."""
+    try:
+        write_model_card(temp, name)
+        if (temp / "saved_model").is_dir():
+            write_export_card([temp], temp / "saved_model")
+    except Exception as error:  # noqa: BLE001 - the run itself is complete
+        log.warning("model card: MODEL_CARD.md was not written (%s: %s); 'tlapp report RUN' "
+                    "writes it later", type(error).__name__, error)
