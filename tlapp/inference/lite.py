@@ -68,14 +68,16 @@ class LiteModel:
                                                     num_threads=os.cpu_count() or 1)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
-        self.batch = None
+        self.interpreter.resize_tensor_input(self.input["index"], [1, *self.input["shape"][1:]])
+        self.interpreter.allocate_tensors()
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.asarray(pixels, np.float32)
-        if self.batch != len(pixels):
-            self.interpreter.resize_tensor_input(self.input["index"], list(pixels.shape))
-            self.interpreter.allocate_tensors()
-            self.batch = len(pixels)
+        # One image per invoke, as on a device: dynamic-range quantisation takes its
+        # activation ranges from the whole batch, so a batch would change the numbers.
+        return np.concatenate([self._invoke(image[None]) for image in
+                               np.asarray(pixels, np.float32)])
+
+    def _invoke(self, pixels: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.input["index"], _quantise(pixels, self.input))
         self.interpreter.invoke()
         raw = self.interpreter.get_tensor(self.output["index"])
