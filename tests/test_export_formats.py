@@ -158,3 +158,14 @@ def test_onnx_conversion_handles_grouped_convolution_and_exact_gelu():
     pixels = np.random.default_rng(1).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(onnx_export.OnnxModel(data)(pixels),
                                model.predict(pixels, verbose=0), atol=ONNX_TOLERANCE)
+
+
+@pytest.mark.parametrize("int8_input", ["int8", "float32"])
+def test_int8_input_types(tiny_tflite, int8_input):
+    _, model = tiny_tflite
+    rng = np.random.default_rng(2)
+    pixels = rng.uniform(0, 255, (6, 4, 4, 3)).astype(np.float32)
+    data = lite.convert_keras(model, "int8", lambda: ([p[None]] for p in pixels), int8_input)
+    served = lite.LiteModel(data)
+    assert served.describe()["input"]["dtype"] == int8_input
+    assert np.abs(served(pixels) - model.predict(pixels, verbose=0)).max() <= INT8_TOLERANCE
