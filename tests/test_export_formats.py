@@ -154,7 +154,8 @@ def test_onnx_conversion_handles_grouped_convolution_and_exact_gelu():
     data = onnx_export.convert_keras(model)
     import onnx
 
-    assert "StatefulPartitionedCall" not in {n.op_type for n in onnx.load_from_string(data).graph.node}
+    operations = {node.op_type for node in onnx.load_from_string(data).graph.node}
+    assert "StatefulPartitionedCall" not in operations
     pixels = np.random.default_rng(1).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(onnx_export.OnnxModel(data)(pixels),
                                model.predict(pixels, verbose=0), atol=ONNX_TOLERANCE)

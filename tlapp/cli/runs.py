@@ -96,8 +96,9 @@ def add_parsers(commands) -> None:
     export.add_argument("--tta", choices=TTA_MODES, default="none",
                         help="bake test-time augmentation into the SavedModel: flip or 10crop")
     export.add_argument("--out", help="destination folder (default RUN/saved_model, "
-                                      "RUN/saved_model_TTA or RUN/tflite); must be new, empty "
-                                      "or a previous tlapp export (with --overwrite)")
+                                      "RUN/saved_model_TTA, RUN/tflite or RUN/onnx); must be "
+                                      "new, empty or a previous tlapp export (with "
+                                      "--overwrite)")
     export.add_argument("--reject-below", type=number_or_auto, metavar="P|auto",
                         help=REJECT_HELP + " (SavedModel: class_name 'unknown', class_index -1)")
     export.add_argument("--overwrite", action="store_true",
