@@ -10,6 +10,7 @@ from PIL import Image
 import tlapp
 from tlapp import cli
 from tlapp.inference import evaluate as evaluation, export as exporting, predict as inference
+from tlapp.inference import tflite_labels
 from tlapp import constants
 from tlapp.data import decoding
 
@@ -316,6 +317,13 @@ def test_tflite_export_matches_the_keras_model(second_run, some_files, tmp_path,
     keras_probabilities = second_run.model.predict(pixels, verbose=0)
     assert np.abs(lite - keras_probabilities).max() <= TFLITE_TOLERANCE[quantize]
     assert lite.shape == (len(some_files), 3)
+    # the test accuracy against the Keras model's, and the labels inside the file
+    test = json.loads((out / "export.json").read_text())["test"]
+    assert test["images"] > 0 and 0 <= test["accuracy"] <= 1
+    if quantize == "none":  # (dynamic reaches 0.087 on this run's test split: not asserted)
+        assert test["max_probability_difference"] <= TFLITE_TOLERANCE["none"]
+        assert test["accuracy_drop"] == 0 and test["agreement"] == 1
+    assert tflite_labels.read_tflite_labels(out / "model.tflite") == second_run.labels
 
 
 @pytest.mark.parametrize("options, message", [

@@ -70,19 +70,35 @@ def add_parsers(commands) -> None:
     report.add_argument("run", metavar="RUN", help="a finished run folder")
     report.set_defaults(func=cmd_report)
 
-    export = commands.add_parser("export", help="export a run or an ensemble (SavedModel, TFLite)")
+    export = commands.add_parser("export",
+                                 help="export a run or an ensemble (SavedModel, TFLite, ONNX)")
     export.add_argument("run", nargs="?", metavar="RUN", help="run folder")
     export.add_argument("--ensemble", nargs="+", metavar="RUN",
                         help="runs whose probabilities the SavedModel averages (needs --out)")
-    export.add_argument("--format", choices=("saved_model", "tflite"), default="saved_model",
-                        help="saved_model (default) or tflite (raw-pixel input)")
-    export.add_argument("--quantize", choices=("none", "dynamic", "float16"), default="none",
-                        help="TFLite weights: none (float32), dynamic (int8) or float16")
+    export.add_argument("--format", choices=("saved_model", "tflite", "onnx"),
+                        default="saved_model",
+                        help="saved_model (default), tflite or onnx (raw-pixel input; onnx "
+                             'needs pip install "tlapp[onnx]")')
+    export.add_argument("--quantize", choices=("none", "dynamic", "float16", "int8"),
+                        default="none",
+                        help="TFLite weights: none (float32), dynamic (int8), float16, or int8 "
+                             "(full-integer, calibrated on the run's training images). The "
+                             "test accuracy of the file against the Keras model's is printed "
+                             "and written to export.json")
+    export.add_argument("--calibration-images", type=int, metavar="N",
+                        help="--quantize int8: how many of the run's training images (a "
+                             "seeded random sample) calibrate the activation ranges "
+                             "(default 200; all of them if fewer)")
+    export.add_argument("--int8-input", choices=("uint8", "int8", "float32"),
+                        help="--quantize int8: the model's input and output type (default "
+                             "uint8: pixels 0-255, quantised with the input's scale and zero "
+                             "point in export.json)")
     export.add_argument("--tta", choices=TTA_MODES, default="none",
                         help="bake test-time augmentation into the SavedModel: flip or 10crop")
     export.add_argument("--out", help="destination folder (default RUN/saved_model, "
-                                      "RUN/saved_model_TTA or RUN/tflite); must be new, empty "
-                                      "or a previous tlapp export (with --overwrite)")
+                                      "RUN/saved_model_TTA, RUN/tflite or RUN/onnx); must be "
+                                      "new, empty or a previous tlapp export (with "
+                                      "--overwrite)")
     export.add_argument("--reject-below", type=number_or_auto, metavar="P|auto",
                         help=REJECT_HELP + " (SavedModel: class_name 'unknown', class_index -1)")
     export.add_argument("--overwrite", action="store_true",
@@ -196,7 +212,25 @@ def cmd_export(args) -> int:
     runs = [runs_lib.load_run(path) for path in paths]
     out = export.export_runs(runs, args.out, format=args.format, tta=args.tta,
                              quantize=args.quantize, overwrite=args.overwrite,
-                             reject_below=args.reject_below)
+                             reject_below=args.reject_below,
+                             calibration_images=args.calibration_images,
+                             int8_input=args.int8_input)
     model_card.write_export_card([r.path for r in runs], out)  # and RUN/MODEL_CARD.md if missing
-    print(f"exported {'TFLite model' if args.format == 'tflite' else 'SavedModel'} to {out}")
+    kind = {"saved_model": "SavedModel", "tflite": "TFLite model", "onnx": "ONNX model"}
+    print(f"exported {kind[args.format]} to {out}")
+    if args.format != "saved_model":
+        print(describe_export_check(json.loads((out.parent / "export.json").read_text())))
     return 0
+
+
+def describe_export_check(description: dict) -> str:
+    """One line: the exported file's test accuracy against the Keras model's."""
+    test = description.get("test") or {}
+    if "accuracy" not in test:
+        return f"not compared with the Keras model: {test.get('skipped', 'no run')}"
+    name = description["format"].upper().replace("TFLITE", "TFLite") + (
+        f" {description['quantize']}" if description.get("quantize", "none") != "none" else "")
+    return (f"test accuracy ({test['images']} images): Keras {test['keras_accuracy']:.4f}, "
+            f"{name} {test['accuracy']:.4f} (drop {test['accuracy_drop']:+.4f}); same "
+            f"prediction on {test['agreement']:.1%}; largest probability difference "
+            f"{test['max_probability_difference']:.2g}")

@@ -175,6 +175,36 @@ def read_split(run: Run) -> dict:
     return split
 
 
+def split_images(run: Run, split: str = "test") -> tuple[list[str], list[Path], list[list[str]]]:
+    """The images of one split of the run (split.json): their paths as recorded (relative
+    to the data), their paths on disk, and their labels (a list per image).
+
+    Raises:
+        UserInputError: split.json is missing, damaged or names classes the run does not
+            have, or some of the images are gone.
+    """
+    root = data_root(resolve_data(run.config.data, Path(run.config.cache_dir)))
+    recorded = read_split(run)
+    files = recorded.get(split) or []
+    paths = [root / p for p in files]
+    if "labels" in recorded:  # a list file or --label-from: the labels are recorded
+        names = recorded["labels"].get(split) or []
+    else:
+        class_part = 1 if (root / "train").is_dir() else 0  # train/CLASS/... or CLASS/...
+        names = [p.split("/")[class_part] for p in files]
+    sets = [n if isinstance(n, list) else [n] for n in names]  # multi-label: lists
+    strange = sorted({n for names_ in sets for n in names_} - set(run.labels))
+    if strange or len(names) != len(files):
+        raise UserInputError(f"{run.path / 'split.json'} lists {split} images of classes the "
+                             f"run does not have ({', '.join(strange[:5])}): the run folder "
+                             f"is inconsistent. Pass --data DIR to evaluate on a folder.")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UserInputError(f"{len(missing)} {split} images of this run are gone "
+                             f"(first: {missing[0]}); pass --data DIR to evaluate elsewhere.")
+    return files, paths, sets
+
+
 def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
                  tta: str = "none", out: str | Path | None = None,
                  reject_below: float | str | None = None) -> dict:
@@ -205,25 +235,7 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
     first = runs[0]
     if data is None:
         _check_same_test_split(runs)
-        root = data_root(resolve_data(first.config.data, Path(first.config.cache_dir)))
-        split = read_split(first)
-        files = split["test"]
-        paths = [root / p for p in files]
-        if "labels" in split:  # a list file or --label-from: the labels are recorded
-            names = split["labels"]["test"]
-        else:
-            class_part = 1 if (root / "train").is_dir() else 0  # train/CLASS/... or CLASS/...
-            names = [p.split("/")[class_part] for p in files]
-        sets = [n if isinstance(n, list) else [n] for n in names]  # multi-label: lists
-        strange = sorted({n for names_ in sets for n in names_} - set(first.labels))
-        if strange or len(names) != len(files):
-            raise UserInputError(f"{first.path / 'split.json'} lists test images of classes the "
-                                 f"run does not have ({', '.join(strange[:5])}): the run folder "
-                                 f"is inconsistent. Pass --data DIR to evaluate on a folder.")
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise UserInputError(f"{len(missing)} test images of this run are gone "
-                                 f"(first: {missing[0]}); pass --data DIR to evaluate elsewhere.")
+        files, paths, sets = split_images(first)
     else:
         scanned = scan_folder(data, 0.0, 0.0, label_from=first.config.label_from,
                               path_column=first.config.path_column,

@@ -1,8 +1,8 @@
-"""Exports: SavedModel (encoded files in; one run or an ensemble; optional TTA) and TFLite."""
+"""Exports: SavedModel (encoded files in; one run or an ensemble; optional TTA), TFLite
+(float or quantised, labels inside) and ONNX."""
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import keras
@@ -11,11 +11,12 @@ import tensorflow as tf
 from tlapp.data.decoding import decode_image
 from tlapp.errors import UserInputError
 from tlapp.files import check_folder_target, disk_full, is_disk_full, write_folder
-from tlapp.inference import calibration, predict as predict_lib
-from tlapp.inference.runs import check_multi_label, resolve_reject
+from tlapp.inference import (calibration, export_checks, lite, onnx_export,
+                             predict as predict_lib, tflite_labels)
+from tlapp.inference.runs import Run, check_multi_label, resolve_reject
 
-FORMATS = ("saved_model", "tflite")
-QUANTIZE_MODES = ("none", "dynamic", "float16")
+FORMATS = ("saved_model", "tflite", "onnx")
+QUANTIZE_MODES = lite.QUANTIZE_MODES
 
 
 def export_saved_model(model: keras.Model, labels: list[str], out_dir: str | Path,
@@ -129,56 +130,126 @@ def save_signatures(path: Path, signatures: dict, models: list[keras.Model]) -> 
 
 
 def export_tflite(model: keras.Model, labels: list[str], out_dir: str | Path,
-                  quantize: str = "none", overwrite: bool = False) -> Path:
-    """Writes out_dir/model.tflite and out_dir/labels.txt.
+                  quantize: str = "none", overwrite: bool = False, run: Run | None = None,
+                  calibration_images: int | None = None, int8_input: str | None = None
+                  ) -> Path:
+    """Writes out_dir/model.tflite, out_dir/labels.txt and out_dir/export.json.
 
-    The model's signature `serving_default` takes `pixels`, float32 RGB in [0, 255] of
-    shape [N, S, S, 3] at the run's image size S (resize before calling), and returns
-    `probabilities` [N, C]; the backbone's preprocessing is inside.
+    The model's signature `serving_default` takes `pixels`, RGB of shape [N, S, S, 3] at the
+    run's image size S (resize before calling): float32 0-255, or with quantize="int8" the
+    `int8_input` type quantised by the input's scale and zero point (uint8: the pixel
+    values themselves when the calibration images span 0-255); it returns `probabilities`
+    [N, C] (int8: of that type, to dequantise). The backbone's preprocessing is inside. The
+    labels are inside too (`tlapp.inference.tflite_labels`). export.json records the tensors
+    and, given the `run`, the test accuracy of the file against the Keras model's.
 
     Args:
-        quantize: "none" (float32), "dynamic" (int8 weights, dynamic-range quantisation)
-            or "float16" (float16 weights).
+        quantize: "none" (float32), "dynamic" (int8 weights, dynamic-range quantisation),
+            "float16" (float16 weights) or "int8" (full-integer; needs `run`, calibrated on
+            `calibration_images` of its training images, default CALIBRATION_IMAGES).
+        int8_input: "uint8" (default), "int8" or "float32": the int8 model's input and
+            output type.
     """
-    if quantize not in QUANTIZE_MODES:
-        raise UserInputError(f"Unknown quantisation. Received: quantize={quantize!r}. "
-                             f"Use one of: {', '.join(QUANTIZE_MODES)}.")
+    int8_input = check_quantize_options(quantize, calibration_images, int8_input)
     out_dir = Path(out_dir)
     check_folder_target(out_dir, "TFLite export", overwrite, is_old_tflite_export)
-    size = int(model.input.shape[1])
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serving_default", lambda pixels: {"probabilities": model(pixels, training=False)},
-        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="pixels")])
-    # Keras 3 variables are only frozen into the flatbuffer via a SavedModel (as
-    # keras.src.export.litert does); from_concrete_functions leaves them uninitialised.
-    with tempfile.TemporaryDirectory() as saved:
-        archive.write_out(saved, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
-        if quantize != "none":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        flatbuffer = converter.convert()
+    description = {"format": "tflite", "quantize": quantize}
+    representative = None
+    if quantize == "int8":
+        if run is None:
+            raise UserInputError("Full-integer quantisation calibrates on a run's training "
+                                 "images: export the run (tlapp export RUN --quantize int8).")
+        representative, used = export_checks.representative_images(
+            run, export_checks.CALIBRATION_IMAGES if calibration_images is None
+            else calibration_images)
+        description |= {"calibration_images": used, "int8_input": int8_input}
+    flatbuffer = tflite_labels.embed_labels(
+        lite.convert_keras(model, quantize, representative, int8_input), labels)
+    served = lite.LiteModel(flatbuffer)
+    description |= served.describe() | {"labels": LABELS_INSIDE}
+    return _write_single_file(out_dir, "TFLite export", "model.tflite", flatbuffer, labels,
+                              description, overwrite, run, served, is_old_tflite_export)
+
+
+def check_quantize_options(quantize: str, calibration_images: int | None,
+                           int8_input: str | None) -> str:
+    """Refuses unknown or inapplicable TFLite options; returns the int8 input type."""
+    if quantize not in lite.QUANTIZE_MODES:
+        raise UserInputError(f"Unknown quantisation. Received: quantize={quantize!r}. "
+                             f"Use one of: {', '.join(lite.QUANTIZE_MODES)}.")
+    if quantize != "int8" and (calibration_images is not None or int8_input is not None):
+        raise UserInputError(f"Calibration images and the int8 input type apply to --quantize "
+                             f"int8 only. Received: quantize={quantize!r}, calibration_images="
+                             f"{calibration_images!r}, int8_input={int8_input!r}.")
+    if int8_input not in (None, *lite.INT8_INPUTS):
+        raise UserInputError(f"Unknown int8 input type. Received: int8_input={int8_input!r}. "
+                             f"Use one of: {', '.join(lite.INT8_INPUTS)}.")
+    if calibration_images is not None and (isinstance(calibration_images, bool) or not
+                                           isinstance(calibration_images, int)
+                                           or calibration_images < 1):
+        raise UserInputError(f"The number of calibration images must be a whole number of at "
+                             f"least 1. Received: calibration_images={calibration_images!r}")
+    return int8_input or "uint8"
+
+
+LABELS_INSIDE = ("labels.txt beside the file; inside it: metadata 'labels' and the "
+                 "associated file labels.txt")
+
+
+def export_onnx(model: keras.Model, labels: list[str], out_dir: str | Path,
+                overwrite: bool = False, run: Run | None = None) -> Path:
+    """Writes out_dir/model.onnx, out_dir/labels.txt and out_dir/export.json.
+
+    ONNX Runtime serves it: input `pixels` float32 [N, S, S, 3] (NHWC, RGB 0-255, at the
+    run's image size; the backbone's preprocessing is inside), output `probabilities`
+    float32 [N, C] (calibrated where the run is: the temperature is in the last layer).
+    Needs the `onnx` extra.
+    """
+    onnx_export.require_onnx()
+    out_dir = Path(out_dir)
+    check_folder_target(out_dir, "ONNX export", overwrite)
+    data = onnx_export.convert_keras(model)
+    size, classes = int(model.input.shape[1]), int(model.output.shape[-1])
+    description = {"format": "onnx", "opset": onnx_export.OPSET,
+                   "input": {"name": "pixels", "dtype": "float32", "shape": [-1, size, size, 3],
+                             "layout": "NHWC", "range": [0, 255]},
+                   "output": {"name": "probabilities", "dtype": "float32",
+                              "shape": [-1, classes]}}
+    return _write_single_file(out_dir, "ONNX export", "model.onnx", data, labels, description,
+                              overwrite, run, onnx_export.OnnxModel(data) if run else None)
+
+
+def _write_single_file(out_dir: Path, kind: str, name: str, data: bytes, labels: list[str],
+                       description: dict, overwrite: bool, run: Run | None, served,
+                       owned=None) -> Path:
+    """Writes the model file, labels.txt and export.json (with the test comparison of
+    `served` against the run's Keras model) as one tlapp folder; returns the file's path."""
+    if run is not None:
+        description["temperature"] = (run.metrics.get("calibration") or {}).get("temperature")
+        description["test"] = export_checks.compare_on_test_split(run, served)
 
     def write(temp: Path) -> None:
-        (temp / "model.tflite").write_bytes(flatbuffer)
+        (temp / name).write_bytes(data)
         (temp / "labels.txt").write_text("\n".join(labels) + "\n")
+        (temp / "export.json").write_text(json.dumps(description, indent=1) + "\n")
 
-    return _write_export(out_dir, write, "TFLite export", overwrite,
-                         is_old_tflite_export) / "model.tflite"
+    return _write_export(out_dir, write, kind, overwrite, owned) / name
 
 
 def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_model",
                 tta: str = "none", quantize: str = "none", overwrite: bool = False,
-                reject_below: float | str | None = None) -> Path:
-    """`tlapp export`: one run, or several as an ensemble, to a SavedModel or TFLite file.
+                reject_below: float | str | None = None, calibration_images: int | None = None,
+                int8_input: str | None = None) -> Path:
+    """`tlapp export`: one run, or several as an ensemble, to a SavedModel, TFLite or ONNX.
 
     Args:
         runs: tlapp.inference.runs.Run objects (several: an ensemble; labels must match).
         out: destination folder. Default for one run: RUN/saved_model (RUN/saved_model_TTA
-            with TTA) or RUN/tflite; an ensemble needs it.
+            with TTA), RUN/tflite or RUN/onnx; an ensemble needs it.
+        calibration_images, int8_input: for quantize="int8"; see `export_tflite`.
+
+    Returns:
+        The SavedModel folder, or the .tflite / .onnx file (export.json beside it).
 
     Raises:
         UserInputError: unknown format, options the format does not support, no --out for an
@@ -193,21 +264,31 @@ def export_runs(runs: list, out: str | Path | None = None, format: str = "saved_
     check_multi_label(runs)
     if len(runs) > 1 and out is None:
         raise UserInputError("An ensemble export needs a destination: add --out DIR.")
-    if format == "tflite":
+    if format == "onnx":
+        onnx_export.require_onnx()  # before loading any model
+    if format in ("tflite", "onnx"):
+        kind = "TFLite" if format == "tflite" else "ONNX"
         if len(runs) > 1 or tta != "none":
-            raise UserInputError(f"TFLite export takes one run without TTA. Received: "
+            raise UserInputError(f"{kind} export takes one run without TTA. Received: "
                                  f"{len(runs)} runs, tta={tta!r}. Use --format saved_model "
                                  f"for ensembles and TTA.")
         if reject_below is not None:
-            raise UserInputError(f"A TFLite model returns probabilities only; apply the reject "
+            raise UserInputError(f"A {kind} model returns probabilities only; apply the reject "
                                  f"threshold in the app (the run's is in its reject.json). "
-                                 f"Received: reject_below={reject_below!r} with format='tflite'.")
+                                 f"Received: reject_below={reject_below!r} with "
+                                 f"format={format!r}.")
+    if format == "tflite":
+        check_quantize_options(quantize, calibration_images, int8_input)  # before loading
         return export_tflite(runs[0].model, labels, out or runs[0].path / "tflite", quantize,
-                             overwrite)
-    if quantize != "none":
+                             overwrite,
+                             runs[0], calibration_images, int8_input)
+    if quantize != "none" or calibration_images is not None or int8_input is not None:
         raise UserInputError(f"Quantisation applies to TFLite only. Received: "
-                             f"quantize={quantize!r} with format='saved_model'. Add "
+                             f"quantize={quantize!r} with format={format!r}. Add "
                              f"--format tflite.")
+    if format == "onnx":
+        return export_onnx(runs[0].model, labels, out or runs[0].path / "onnx", overwrite,
+                           runs[0])
     out = Path(out or runs[0].path / ("saved_model" if tta == "none" else f"saved_model_{tta}"))
     check_folder_target(out, "SavedModel export", overwrite, is_old_saved_model_export)
     members = [predict_lib.Member(r.model, r.image_size, str(r.path)) for r in runs]
