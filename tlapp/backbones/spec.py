@@ -29,6 +29,11 @@ class BackboneSpec:
         module: applications: the `keras.applications` submodule holding its
             `preprocess_input`.
         path: custom: the model file's absolute path.
+        collapses_at_random_init: its pooled features at random initialisation
+            (`--weights none`) are the same for every image (measured: standard deviation
+            across images below 1e-6 of their mean magnitude), so a frozen random stem
+            carries no information: such a backbone needs pretrained weights, or training
+            every layer (`--trainable-blocks all`).
     """
 
     name: str
@@ -41,6 +46,7 @@ class BackboneSpec:
     weight_file: str | None = None
     module: str | None = None
     path: str | None = None
+    collapses_at_random_init: bool = False
 
     @property
     def scratch_only(self) -> bool:
