@@ -58,10 +58,10 @@ def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def sample_cuts(points: list[str], ends: list[str]) -> list[str]:
-    """The input cut, the first, middle and last-but-one cut points and every third block end
-    (the last-but-one included): deep models have hundreds of cut points."""
-    chosen = {points[0], points[len(points) // 2], points[-2], *ends[-2::-3]} \
-        if len(points) > 1 else set()
+    """The input cut, the first, middle and last-but-one cut points and block ends: deep
+    models have hundreds of cut points, and each check runs the whole model."""
+    chosen = {points[0], points[len(points) // 2], points[-2],
+              ends[0], ends[len(ends) // 2], ends[-2]} if len(points) > 1 else set()
     return [cuts.INPUT_CUT] + [p for p in points if p in chosen]
 
 
@@ -187,6 +187,15 @@ def test_collapsing_backbones_are_marked_and_never_a_default():
         name for name, spec in registry.BACKBONES.items() if spec.collapses_at_random_init}
     assert not registry.get_spec(demo.BACKBONE).collapses_at_random_init
     assert not registry.get_spec(Config().backbone).collapses_at_random_init
+    # The example experiments run offline with weights = "none".
+    import tomllib
+    from pathlib import Path
+
+    for path in Path(__file__).parent.parent.glob("scripts/*.toml"):
+        config = tomllib.loads(path.read_text())
+        names = [config.get("backbone", "resnet50"), *config.get("sweep", {}).get("backbone", [])]
+        if config.get("weights") == "none":
+            assert not [n for n in names if registry.get_spec(n).collapses_at_random_init], path
 
 
 def test_backbones_table_marks_collapsing_backbones(capsys, monkeypatch, tmp_path):
