@@ -209,6 +209,10 @@ def test_backbones_table_marks_collapsing_backbones(capsys, monkeypatch, tmp_pat
     assert rows["mobilenet_v3_small"][-2:] == ["none", "collapses"]
     assert rows["vgg16"][-1] == "caffe"
     assert "random init" in out.splitlines()[0] and "--trainable-blocks all" in out
+    code, out, _ = run_cli(capsys, "backbones", "mobilenet_v3_small", "--image-size", 32,
+                           "--cache-dir", tmp_path)
+    assert code == 0 and "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5" in out
+    assert "pooled features collapse" in out and "expanded_conv_10_add" in out
 
 
 def test_weights_none_with_a_collapsing_backbone_warns(tmp_path, caplog, fresh_session):
