@@ -238,3 +238,18 @@ def test_weights_none_with_a_collapsing_backbone_warns(tmp_path, caplog, fresh_s
         resolve_plan(config.replace(**changes), spec, scanned, tmp_path / "cache",
                      tmp_path / "run", base=base)
         assert ("learns nothing from the images" in caplog.text) == warned, changes
+
+
+def test_cut_points_see_residuals_made_of_bare_ops():
+    """ConvNeXt adds its residual with `inputs + x`, an op that is not a layer: the layer it
+    skips is not a cut point."""
+    inputs = keras.Input((8,))
+    a = keras.layers.Dense(8, name="a")(inputs)
+    b = keras.layers.Dense(8, name="b")(a)  # like LayerScale: a layer inside the residual
+    c = keras.layers.Activation("linear", name="c")(b)
+    d = keras.layers.Dense(4, name="d")(a + c)
+    model = keras.Model(inputs, d)
+    assert cuts.cut_points(model) == ["a", "d"]
+    stem, top = cuts.split_backbone(model, "a")
+    x = np.ones((1, 8), "float32")
+    np.testing.assert_allclose(np.asarray(top(stem(x))), np.asarray(model(x)), rtol=1e-6)

@@ -24,7 +24,8 @@ def cut_points(model: keras.Model) -> list[str]:
     MobileNetV3's hard sigmoid are bare ops, invisible in `model.layers`; missing them made
     a ConvNeXt LayerScale, which the residual skips, look like a cut point.
     """
-    operations = model.operations  # layers and bare ops, in topological order
+    # layers and bare ops, in topological order (a Sequential has only layers)
+    operations = getattr(model, "operations", model.layers)
     last_use: dict[int, int] = {}
     for i, op in enumerate(operations):
         if not isinstance(op, keras.layers.InputLayer):
