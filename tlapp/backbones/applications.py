@@ -81,8 +81,8 @@ SPECS = [
     *(_spec(f"densenet{n}", f"DenseNet{n}", "torch", 224, 32,
             f"densenet{n}_weights_tf_dim_ordering_tf_kernels_notop.h5",
             r"(pool\d_pool|conv5_block\d+_concat)$", "densenet") for n in (121, 169, 201)),
-    # A NASNet cell reads the two cells before it: only the stem and the end of the last
-    # reduction are cut points besides the final layer.
+    # A NASNet cell reads the two cells before it: the only cut points are two in the stem,
+    # the last cell's output and the final activation.
     _spec("nasnet_mobile", "NASNetMobile", "tf", 224, 32, "nasnet_mobile_no_top.h5",
           r"(stem_bn1|normal_concat_\d+)$", "nasnet"),
     _spec("nasnet_large", "NASNetLarge", "tf", 331, 32, "nasnet_large_no_top.h5",
