@@ -158,7 +158,7 @@ def test_weight_file_is_the_one_keras_downloads(name, monkeypatch, fresh_session
 
 
 @pytest.mark.parametrize("name", zoo_params({"efficientnetb0"}, [
-    "efficientnetb0", "mobilenet_v3_small", "convnext_tiny", "xception", "nasnet_mobile"]))
+    "efficientnetb0", "mobilenet_v3_small", "convnext_tiny"]))
 def test_notop_file_in_the_download_layout_loads_through_weights_path(
         name, tmp_path, fresh_session, monkeypatch):
     """The file Keras downloads is legacy HDF5 (layer names, weight names; what
