@@ -107,16 +107,20 @@ def test_backbones_table_for_one_backbone(capsys):
     assert "8,192" in line  # the final layer is cached pooled: 2048 float32
 
 
+@pytest.mark.slow  # builds all 42 backbones (their shapes only)
 def test_backbones_table_lists_the_registry(capsys):
+    from tlapp.backbones import registry
+
     code, out, _ = run_cli(capsys, "backbones")
     assert code == 0
     assert "23,587,712" in out  # ResNet50 without its top
     assert "14,714,688" in out  # VGG16 without its top
-    assert len(out.splitlines()) == 1 + 15 + 1  # header, backbones, footnote
+    assert len(out.splitlines()) == 1 + len(registry.BACKBONES) + 1  # header, rows, footnote
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:-1]}
     assert rows["vgg16"][2:5] == ["15.3", "G", "224"]  # MACs per image at 224x224, no top
     assert rows["lenet5"][1:5] == ["61,156", "651", "k", "32"]
     assert rows["alexnet"][2:5] == ["720", "M", "227"]
+    assert rows["mobilenet_v2"][-1] == "collapses" and rows["resnet50"][-1] == "caffe"
 
 
 @pytest.mark.slow

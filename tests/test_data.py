@@ -375,7 +375,7 @@ def test_train_on_the_messy_folder_and_predict_the_twins(messy, tmp_path, capsys
 
     root, expected = messy
     run = tmp_path / "run"
-    code = cli.main(["train", str(root), "--backbone", "mobilenet_v2", "--weights", "none",
+    code = cli.main(["train", str(root), "--backbone", "resnet50", "--weights", "none",
                      "--image-size", "32", "--epochs", "1", "--batch-size", "8",
                      "--class-weight", "auto", "--cache-dir", str(tmp_path / "cache"),
                      "--out", str(run)])

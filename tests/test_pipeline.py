@@ -210,7 +210,7 @@ def test_trainings_in_one_process_do_not_leak_file_descriptors(tmp_path):
     data = make_folder(tmp_path / "data", per_class=4)
 
     def train(name):
-        tlapp.train(str(data), backbone="mobilenet_v2", weights="none", image_size=32,
+        tlapp.train(str(data), backbone="resnet50", weights="none", image_size=32,
                     epochs=1, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / name))
 
     train("first")  # TensorFlow opens what it keeps for the process during the first run

@@ -1,6 +1,7 @@
 """keras.applications families: one spec per backbone, and building one with its weights."""
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.error
 from pathlib import Path
@@ -12,9 +13,11 @@ from tlapp.errors import UserInputError
 
 
 def _spec(name: str, factory: str, preprocess: str, default_size: int, min_size: int,
-          weight_file: str, block_pattern: str, module: str) -> BackboneSpec:
+          weight_file: str, block_pattern: str, module: str,
+          collapses: bool = False) -> BackboneSpec:
     return BackboneSpec(name, "applications", preprocess, default_size, min_size,
-                        block_pattern, factory=factory, weight_file=weight_file, module=module)
+                        block_pattern, factory=factory, weight_file=weight_file, module=module,
+                        collapses_at_random_init=collapses)
 
 
 def _resnet(name: str, factory: str, v2: bool = False) -> BackboneSpec:
@@ -22,6 +25,19 @@ def _resnet(name: str, factory: str, v2: bool = False) -> BackboneSpec:
                  f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
                  r"conv\d_block\d+_out$", "resnet_v2" if v2 else "resnet")
 
+
+def _convnext(size: str) -> BackboneSpec:
+    # Blocks inside a stage end in a bare `inputs + x` op, not a layer: the named blocks are
+    # the stages (stem, then each downsampling layer), the last one ends at the final norm.
+    return _spec(f"convnext_{size}", f"ConvNeXt{size.capitalize().replace('large', 'Large')}",
+                 "none", 224, 32, f"convnext_{size}_notop.h5",
+                 rf"convnext_{size}_(stem|downsampling_block_\d)$", "convnext")
+
+
+EFFICIENTNET_SIZES = (224, 240, 260, 300, 380, 456, 528, 600)
+EFFICIENTNET_V2_SIZES = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "s": 384, "m": 480,
+                         "l": 480}
+MBCONV_BLOCKS = r"block\d[a-z]_(add|project_bn)$"  # EfficientNet V1 and V2 layer names
 
 SPECS = [
     _resnet("resnet50", "ResNet50"),
@@ -40,14 +56,37 @@ SPECS = [
           r"block\d_pool$", "vgg16"),
     _spec("vgg19", "VGG19", "caffe", 224, 32, "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
           r"block\d_pool$", "vgg19"),
+    # MobileNet V1/V2 download a file per input size (128-224); the 224 one is named here.
+    _spec("mobilenet", "MobileNet", "tf", 224, 32, "mobilenet_1_0_224_tf_no_top.h5",
+          r"conv_pw_\d+_relu$", "mobilenet", collapses=True),
     _spec("mobilenet_v2", "MobileNetV2", "tf", 224, 32,
           "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-          r"block_\d+_(add|project_BN)$", "mobilenet_v2"),
-    _spec("efficientnetb0", "EfficientNetB0", "none", 224, 32, "efficientnetb0_notop.h5",
-          r"block\d[a-z]_(add|project_bn)$", "efficientnet"),
-    _spec("densenet121", "DenseNet121", "torch", 224, 32,
-          "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-          r"(pool\d_pool|conv5_block\d+_concat)$", "densenet"),
+          r"block_\d+_(add|project_BN)$", "mobilenet_v2", collapses=True),
+    *(_spec(f"mobilenet_v3_{size}", f"MobileNetV3{size.capitalize()}", "none", 224, 32,
+            f"weights_mobilenet_v3_{size}_224_1.0_float_no_top_v2.h5",
+            r"expanded_conv(_\d+)?_(add|project_bn)$", "mobilenet_v3", collapses=True)
+      for size in ("small", "large")),
+    *(_spec(f"efficientnetb{i}", f"EfficientNetB{i}", "none", size, 32,
+            f"efficientnetb{i}_notop.h5", MBCONV_BLOCKS, "efficientnet", collapses=True)
+      for i, size in enumerate(EFFICIENTNET_SIZES)),
+    *(_spec(f"efficientnetv2{v}", f"EfficientNetV2{v.upper()}", "none", size, 32,
+            f"efficientnetv2-{v}_notop.h5", MBCONV_BLOCKS, "efficientnet_v2")
+      for v, size in EFFICIENTNET_V2_SIZES.items()),
+    *(_convnext(size) for size in ("tiny", "small", "base", "large", "xlarge")),
+    # Xception's residual additions are the only cut points inside it; Keras leaves them
+    # unnamed (add, add_1, ...: stable in a fresh session, which tlapp's runs start from).
+    _spec("xception", "Xception", "tf", 299, 71,
+          "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+          r"(block1_conv2_act|add(_\d+)?)$", "xception", collapses=True),
+    *(_spec(f"densenet{n}", f"DenseNet{n}", "torch", 224, 32,
+            f"densenet{n}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            r"(pool\d_pool|conv5_block\d+_concat)$", "densenet") for n in (121, 169, 201)),
+    # A NASNet cell reads the two cells before it: the only cut points are two in the stem,
+    # the last cell's output and the final activation.
+    _spec("nasnet_mobile", "NASNetMobile", "tf", 224, 32, "nasnet_mobile_no_top.h5",
+          r"(stem_bn1|normal_concat_\d+)$", "nasnet"),
+    _spec("nasnet_large", "NASNetLarge", "tf", 331, 32, "nasnet_large_no_top.h5",
+          r"(stem_bn1|normal_concat_\d+)$", "nasnet"),
 ]
 
 
@@ -85,13 +124,31 @@ def build_application(spec: BackboneSpec, weights: str, image_size: int) -> kera
             f"Weights must be 'imagenet', 'none' or a path to a weights file. "
             f"Received: weights={weights!r} (no such file)"
         )
-    model = factory(weights=None, **kwargs)
     try:
-        model.load_weights(str(path))
+        with _download_from(path):
+            return factory(weights="imagenet", **kwargs)
     except Exception as e:  # any failure to read it is the file's: h5py, shape, name errors
         raise UserInputError(
             f"Could not load weights from {path} into {spec.name}: {e}. "
             f"Expected the notop file '{spec.weight_file}' or a Keras 3 .weights.h5 "
             f"saved from the same backbone."
         ) from None
-    return model
+
+
+@contextlib.contextmanager
+def _download_from(path: Path):
+    """Makes keras.applications take `path` as the ImageNet file it would download.
+
+    A weights file builds the same model as `weights="imagenet"`, which is not always the
+    model `weights=None` builds: EfficientNet B0-B7 add a Rescaling layer for ImageNet
+    weights only (the original's normalisation divides by the variance, not the standard
+    deviation). Every keras.applications module fetches through `file_utils.get_file`.
+    """
+    from keras.src.utils import file_utils
+
+    download = file_utils.get_file
+    file_utils.get_file = lambda *args, **kwargs: str(path)
+    try:
+        yield
+    finally:
+        file_utils.get_file = download

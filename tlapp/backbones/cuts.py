@@ -19,24 +19,29 @@ def _flat(tensors) -> list:
 def cut_points(model: keras.Model) -> list[str]:
     """Names of layers that every input-to-output path passes through, in order.
 
-    Cutting there splits the model in two: a stem whose single output feeds the top.
+    Cutting there splits the model in two: a stem whose single output feeds the top. Paths
+    through operations that are not layers count too: ConvNeXt's residual `inputs + x` and
+    MobileNetV3's hard sigmoid are bare ops, invisible in `model.layers`; missing them made
+    a ConvNeXt LayerScale, which the residual skips, look like a cut point.
     """
-    layers = model.layers
+    # layers and bare ops, in topological order (a Sequential has only layers)
+    operations = getattr(model, "operations", model.layers)
     last_use: dict[int, int] = {}
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, keras.layers.InputLayer):
-            for t in _flat(layer.input):
+    for i, op in enumerate(operations):
+        if not isinstance(op, keras.layers.InputLayer):
+            for t in _flat(op.input):
                 last_use[id(t)] = i
     for t in model.outputs:
-        last_use[id(t)] = len(layers)
+        last_use[id(t)] = len(operations)
     live: set[int] = set()
     names = []
-    for i, layer in enumerate(layers):
-        outputs = {id(t) for t in _flat(layer.output)}
+    for i, op in enumerate(operations):
+        outputs = {id(t) for t in _flat(op.output)}
         live |= {t for t in outputs if last_use.get(t, -1) > i}
         live = {t for t in live if last_use[t] > i}
-        if len(outputs) == 1 and live == outputs and not isinstance(layer, keras.layers.InputLayer):
-            names.append(layer.name)
+        if (len(outputs) == 1 and live == outputs and isinstance(op, keras.layers.Layer)
+                and not isinstance(op, keras.layers.InputLayer)):
+            names.append(op.name)
     return names
 
 

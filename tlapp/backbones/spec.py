@@ -29,6 +29,12 @@ class BackboneSpec:
         module: applications: the `keras.applications` submodule holding its
             `preprocess_input`.
         path: custom: the model file's absolute path.
+        collapses_at_random_init: its pooled features at random initialisation
+            (`--weights none`) are the same for every image (measured at the minimum size:
+            standard deviation across images below 1e-5, e.g. 3e-13 for MobileNetV2; the
+            head's standardisation has an epsilon of 1e-7), so a frozen random stem carries
+            nothing: such a backbone needs pretrained weights, or training every layer
+            (`--trainable-blocks all`).
     """
 
     name: str
@@ -41,6 +47,7 @@ class BackboneSpec:
     weight_file: str | None = None
     module: str | None = None
     path: str | None = None
+    collapses_at_random_init: bool = False
 
     @property
     def scratch_only(self) -> bool:

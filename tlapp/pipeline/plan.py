@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from tlapp.constants import SPLITS
 from tlapp.data.scan import ScannedData, resolve_data, scan_folder
 from tlapp.errors import UserInputError
 from tlapp.training.distribute import Layout, one_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -122,6 +125,13 @@ def resolve_plan(config: Config, spec: BackboneSpec, scanned: ScannedData, cache
     cut = cuts.resolve_cut(spec, base, config.cut, config.trainable_blocks)
     scratch = cut == cuts.INPUT_CUT  # every layer trains, on images
     cut = None if scratch else cut
+    if cut is not None and spec.collapses_at_random_init and config.weights == "none":
+        log.warning(
+            "%s's features at random initialisation are the same for every image (they "
+            "collapse; 'tlapp backbones' marks such backbones), so a head trained on its frozen "
+            "stem with weights=none learns nothing from the images. Use --weights imagenet "
+            "or PATH, --trainable-blocks all to train every layer, or another backbone.",
+            spec.name)
     fine_tune_cut = cuts.resolve_fine_tune_cut(
         spec, base, cut, config.fine_tune_blocks, config.fine_tune_cut) \
         if config.fine_tune_epochs else None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tlapp.files import write_text
 
-TABLE_FORMAT = 1  # bump when the tables change
+TABLE_FORMAT = 2  # bump when the tables change
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
@@ -61,21 +61,33 @@ def _kept_path(name: str | None, image_size: int | None,
         f"backbones-{hashlib.sha256(key.encode()).hexdigest()[:16]}.txt"
 
 
-def _registry_table(image_size: int | None) -> str:
+def registry_rows(image_size: int | None = None) -> list[tuple[str, ...]]:
+    """One row per registry backbone: name, parameters, MACs per image, size, features,
+    preprocessing, and "collapses" where its random-init features do (header row first)."""
     import keras
 
     from tlapp.backbones import costs, registry
 
-    rows = [("name", "parameters", "MACs/image", "size", "features", "preprocessing")]
+    rows = [("name", "parameters", "MACs/image", "size", "features", "preprocessing",
+             "random init")]
     for spec in registry.BACKBONES.values():
         keras.backend.clear_session()
         size = max(image_size or spec.default_size, spec.min_size)
         model = _build_shapes_only(spec, size)
         rows.append((spec.name, f"{model.count_params():,}",
                      costs.format_count(costs.model_macs(model)), str(size),
-                     str(model.output.shape[-1]), spec.preprocess))
-    return (format_table(rows) + "\nparameters and MACs (multiply-accumulates: conv, depthwise "
-            "and separable conv, dense) without the classifier, at the size shown")
+                     str(model.output.shape[-1]), spec.preprocess,
+                     "collapses" if spec.collapses_at_random_init else ""))
+    keras.backend.clear_session()
+    return rows
+
+
+def _registry_table(image_size: int | None) -> str:
+    return (format_table(registry_rows(image_size)) + "\nparameters and MACs "
+            "(multiply-accumulates: conv, depthwise and separable conv, dense) without the "
+            "classifier, at the size shown; 'collapses': the pooled features at random "
+            "initialisation are the same for every image, so --weights none needs "
+            "--trainable-blocks all")
 
 
 def _cut_table(name: str, image_size: int | None) -> str:
@@ -101,6 +113,12 @@ def _cut_table(name: str, image_size: int | None) -> str:
               f"{costs.format_count(costs.model_macs(model))} MACs per image; "
               f"{len(rows) - 1} cut points (--cut LAYER; --trainable-blocks N counts block "
               f"ends from the top; 'input' trains everything)\n")
+    if spec.weight_file:
+        header += (f"ImageNet weights: {spec.weight_file} (Keras downloads it into "
+                   f"$KERAS_HOME/models; --weights PATH takes it too)\n")
+    if spec.collapses_at_random_init:
+        header += ("Random initialisation: its pooled features collapse (the same for every "
+                   "image); with --weights none, train every layer (--trainable-blocks all)\n")
     return header + format_table(rows)
 
 

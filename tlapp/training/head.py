@@ -40,8 +40,21 @@ def set_trainable(base: keras.Model, cut: str | None, bn_trainable: bool) -> Non
             layer.trainable = not frozen and bn_trainable
         else:
             layer.trainable = not frozen
+        if isinstance(layer, keras.layers.Dropout):
+            freeze_dropout(layer, frozen)
         if layer.name == cut:
             frozen = False
+
+
+def freeze_dropout(layer: keras.layers.Dropout, frozen: bool) -> None:
+    """Makes a frozen Dropout layer pass its input through in training mode too.
+
+    Keras's Dropout ignores `trainable`: EfficientNet's drop-connect layers inside a frozen
+    stem would still drop in training mode (live training, fine-tuning), so the frozen stem
+    would differ from the features it cached. Its rate comes back when it is unfrozen.
+    """
+    rate = layer.__dict__.setdefault("_tlapp_rate", layer.rate)
+    layer.rate = 0.0 if frozen else rate
 
 
 def build_models(spec: BackboneSpec, base: keras.Model, cut: str | None,
