@@ -56,9 +56,11 @@ def train(tmp_path, layout, class_weight) -> tuple[list[dict], list[np.ndarray],
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("class_weight", [None, {0: 2.0, 1: 0.5, 2: 1.0}])
 def test_one_replica_mirrored_trains_like_one_device_without_extra_input_work(
-        tmp_path, monkeypatch, class_weight):
+        tmp_path, monkeypatch):
+    """With class weights, the harder case: Keras cannot add them to a distributed dataset,
+    so tlapp adds them as sample weights (`sharding.add_class_weights`)."""
+    class_weight = {0: 2.0, 1: 0.5, 2: 1.0}
     one = train(tmp_path, distribute.one_device(8), class_weight)
     made = count_multi_device_iterators(monkeypatch)
     layout = distribute.make_layout(config_lib.Config(data="x", strategy="mirrored",
