@@ -189,7 +189,7 @@ def make_layout(config: Config) -> Layout:
     layout = Layout(name, strategy, strategy.num_replicas_in_sync, config.batch_size,
                     workers, worker)
     check_config(config, layout)
-    if layout.replicas > 1:
+    if name != "one":  # one replica too: the patch spares every validation an iterator
         patch_keras()
     if name != "one":
         log.info("strategy %s: %d replicas%s, global batch %d = %d per replica", name,

@@ -188,7 +188,9 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
         # Stopped early just before a kill: no epoch runs, the callbacks only end the stage.
         first = settings.epochs if done and checkpoint.stopped_early(stage) else done
         model.fit(train, epochs=settings.epochs, initial_epoch=first, steps_per_epoch=steps,
-                  validation_data=val_batches, callbacks=callbacks,
+                  validation_data=sharding.validation_batches(model.distribute_strategy,
+                                                              val_batches),
+                  callbacks=callbacks,
                   class_weight=class_weight, shuffle=False,
                   verbose=fit_verbosity())
     rows = [row for row in checkpoint.state["history"] if row["stage"] == stage]

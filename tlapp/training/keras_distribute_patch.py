@@ -17,7 +17,14 @@ TensorFlow twin, tensorflow/tensorflow#72388, was closed with a pointer to Keras
    0 dimensions`. The replacement reduces over replicas with axis=None, as the
    single-worker path does; other strategies keep Keras's code.
 
-`apply()` first runs `check()`, which compares the source of both original functions with
+The replacement `_maybe_symbolic_build` also returns at once when the model, its compiled
+loss and metrics and its optimizer are all built: Keras's `_symbolic_build` then builds
+nothing, yet Keras made an iterator and read a batch for it, at the start of every `fit`
+and of every validation (every epoch) under any strategy. An iterator of a distributed
+dataset costs 30-300 ms to make (docs/benchmarks.md, "tf.distribute on one device").
+
+`apply()` first runs `check()`, which compares the source of the original functions (and of
+`Trainer._symbolic_build`, whose tests `built` repeats) with
 the Keras 3.15.1 source this was written against and raises if Keras changed them: after a
 Keras upgrade, rerun tests/test_distribute.py without the patch (the issues may be fixed)
 and update or delete this module, rather than patch code it was not written for.
@@ -30,6 +37,7 @@ import inspect
 import keras
 from keras.src import tree
 from keras.src.backend.tensorflow import trainer as keras_trainer
+from keras.src.trainers import trainer as keras_base_trainer
 
 KERAS_VERSION = "3.15.1"  # the version whose source the hashes below are of
 # sha256 of inspect.getsource() of the original functions
@@ -38,11 +46,15 @@ EXPECTED_SOURCE = {
         "92a504f5eba9b29f81f1bf26180bdd5bf5186b06b7bda426534b90d2d02bc1c2",
     "reduce_per_replica":
         "2e7d54b1e6edc29a8c6a7e6b66cd4c8be3ba7842412c93753ac3afe169fa7fb8",
+    # not replaced, but `built` below repeats its tests of what is left to build
+    "Trainer._symbolic_build":
+        "96220cc3b88fe768bdafe5f6aabcf874b92940abae365f8f24e5df2a5e6ae49f",
 }
 ORIGINALS = {
     "TensorFlowTrainer._maybe_symbolic_build":
         keras_trainer.TensorFlowTrainer._maybe_symbolic_build,
     "reduce_per_replica": keras_trainer.reduce_per_replica,
+    "Trainer._symbolic_build": keras_base_trainer.Trainer._symbolic_build,
 }
 
 
@@ -58,15 +70,16 @@ def check() -> None:
         raise RuntimeError(
             f"tlapp's workaround for keras-team/keras#20585 (training on several devices) "
             f"was written for Keras {KERAS_VERSION}, and Keras {keras.__version__} changed "
-            f"{', '.join(changed)} in {keras_trainer.__file__}. Install "
-            f"keras=={KERAS_VERSION} to train with more than one replica (--strategy "
-            f"mirrored or multi-worker), or use a tlapp release that supports this Keras.")
+            f"{', '.join(changed)} in Keras's trainer.py ({keras_trainer.__file__} and "
+            f"trainers/trainer.py). Install keras=={KERAS_VERSION} to train with a strategy "
+            f"(--strategy mirrored or multi-worker), or use a tlapp release that supports "
+            f"this Keras.")
 
 
 def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     import tensorflow as tf
 
-    if self._distribute_strategy is None:
+    if self._distribute_strategy is None or built(self):
         return
     if iterator is not None:
         for _, _, batches in iterator:
@@ -78,6 +91,14 @@ def _maybe_symbolic_build(self, iterator=None, data_batch=None):
             break
     with self.distribute_strategy.scope():
         self._symbolic_build(data_batch=data_batch)
+
+
+def built(model) -> bool:
+    """Whether `Trainer._symbolic_build` would build nothing: its own tests, plus the
+    optimizer (which it builds without a batch, but then it is not worth skipping)."""
+    return all(layer.built for layer in model._flatten_layers()) and all(
+        part is None or part.built
+        for part in (model._compile_metrics, model._compile_loss, model.optimizer))
 
 
 def reduce_per_replica(values, strategy, reduction):

@@ -4,7 +4,9 @@ With more than one replica, each input pipeline (one per worker) cuts every glob
 of an epoch's shuffled order into its own part before it loads anything, so each worker
 decodes (or reads from the feature cache) only its images, and the replicas of a step
 together see exactly the global batch one device would (the notes on `training_batches`).
-With one replica, everything here is what it was without a strategy.
+With one replica, everything here is what it was without a strategy; under a
+MirroredStrategy of one replica the datasets are distributed here (`one_replica`), so that
+starting an epoch or a validation costs what it costs without a strategy.
 """
 from __future__ import annotations
 
@@ -43,11 +45,12 @@ def training_batches(strategy: tf.distribute.Strategy, n: int, batch_size: int, 
     """
     replicas = strategy.num_replicas_in_sync
     if replicas == 1:
-        return datasets.shuffled_batches(n, batch_size, seed, first_epoch, epochs, load,
-                                         parallel), class_weight
+        dataset = datasets.shuffled_batches(n, batch_size, seed, first_epoch, epochs, load,
+                                            parallel)
+        if not is_one_replica_mirrored(strategy):
+            return dataset, class_weight
+        return one_replica(strategy, add_class_weights(dataset, class_weight)), None
     steps = steps_per_epoch(strategy, n, batch_size)
-    weights = None if class_weight is None else tf.constant(
-        [class_weight.get(i, 1.0) for i in range(max(class_weight) + 1)], tf.float32)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         dataset = datasets.shuffled_batches(
@@ -55,11 +58,50 @@ def training_batches(strategy: tf.distribute.Strategy, n: int, batch_size: int, 
             shard=lambda order: shard_order(order, steps, batch_size,
                                             context.num_input_pipelines,
                                             context.input_pipeline_id))
-        if weights is None:
-            return dataset
-        return dataset.map(lambda x, y: (x, y, tf.gather(weights, tf.argmax(y, axis=-1))))
+        return add_class_weights(dataset, class_weight)
 
     return strategy.distribute_datasets_from_function(dataset_fn), None
+
+
+def add_class_weights(dataset: tf.data.Dataset, class_weight: dict | None) -> tf.data.Dataset:
+    """(x, y) batches -> (x, y, sample weights) with each example's class weight (Keras
+    cannot map a distributed dataset to add them itself)."""
+    if class_weight is None:
+        return dataset
+    weights = tf.constant([class_weight.get(i, 1.0) for i in range(max(class_weight) + 1)],
+                          tf.float32)
+    return dataset.map(lambda x, y: (x, y, tf.gather(weights, tf.argmax(y, axis=-1))))
+
+
+def is_one_replica_mirrored(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MirroredStrategy) and \
+        strategy.num_replicas_in_sync == 1
+
+
+# One input pipeline per replica, on the host: with one replica this is what Keras does
+# without a strategy (iterate the dataset itself), while Keras's own distribution
+# (`experimental_distribute_dataset`) builds a MultiDeviceIterator, which traces several
+# functions each time an iterator is made: 30-300 ms here, and Keras 3.15 makes 2-3 per
+# validation, every epoch (docs/benchmarks.md, "tf.distribute on one device").
+ONE_REPLICA_INPUT = tf.distribute.InputOptions(
+    experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA,
+    experimental_fetch_to_device=False)
+
+
+def one_replica(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
+    """`dataset`, distributed for a MirroredStrategy of one replica so that making an
+    iterator of it costs what it costs without a strategy (ONE_REPLICA_INPUT)."""
+    return strategy.distribute_datasets_from_function(lambda context: dataset,
+                                                      options=ONE_REPLICA_INPUT)
+
+
+def validation_batches(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset | None):
+    """The validation data to give `fit`: `dataset`, distributed once here under a
+    MirroredStrategy of one replica (`one_replica`); with several replicas Keras splits
+    each batch across them itself."""
+    if dataset is None or not is_one_replica_mirrored(strategy):
+        return dataset
+    return one_replica(strategy, dataset)
 
 
 def shard_order(order: tf.Tensor, steps: int, batch_size: int, pipelines: int,
