@@ -259,7 +259,7 @@ def part_growth(args, work: Path) -> dict:
     for kind in args.kinds:
         for name, code in _codes(args):
             rows = args.rows if name == "new" else args.baseline_rows or args.rows
-            cache = work / f"growth-{name}"
+            cache = work / f"growth-{name}-{kind}"  # one folder per kind: kept apart
             result = child("growth", images / "class_000", cache, rows, kind, code=code)
             early, late, shards = _rates(result)
             out[f"{name} {kind}"] = {"rows": rows, "shards": shards, "first_10pct": early,
@@ -267,20 +267,24 @@ def part_growth(args, work: Path) -> dict:
             print(f"growth {name:8s} {kind:7s} {rows:>9,} rows in {shards:,} shards: first 10% "
                   f"{early:8.0f} rows/s, last 10% {late:8.0f} rows/s, last/first "
                   f"{late / early:.2f}; {load()}", flush=True)
-            if not (kind == "pooled" and args.keep_entry):
+            if not (kind == "pooled" and name == "new" and args.keep_entry):
                 shutil.rmtree(cache, ignore_errors=True)
     return out
 
 
 def part_reads(args, work: Path) -> dict:
-    """Reads from the pooled entry `growth` left in work/growth-new (kept with --keep-entry)."""
-    import hashlib
-
+    """Reads from the pooled entry `growth` left in work/growth-new-pooled (kept with
+    --keep-entry; --rows must not exceed its rows)."""
     sys.path.insert(0, str(HERE))
     from tlapp.features import entries
 
-    cache = work / "growth-new"
-    (entry,) = [e for e in entries.list_entries(cache) if e["key"]["backbone"].endswith("pooled")]
+    cache = work / "growth-new-pooled"
+    found = [e for e in entries.list_entries(cache) if e["key"].get("backbone", "")
+             .endswith("pooled")] if cache.is_dir() else []
+    if len(found) != 1:
+        raise SystemExit(f"reads: no pooled entry in {cache}: run 'growth --kinds pooled "
+                         f"--keep-entry --work {work}' first")
+    (entry,) = found
     key = json.dumps(entry["key"])
     out = {"new": child("reads", cache, key, args.rows, args.read_epochs)}
     print(f"reads new: {out['new']['rows_per_s']:,.0f} rows/s (opening the entry "
@@ -303,7 +307,9 @@ def part_reads(args, work: Path) -> dict:
         shutil.rmtree(old)
     out["consume"] = child("consume", 300)
     print(f"head training consumes {out['consume']['rows_per_s']:,.0f} rows/s", flush=True)
-    assert hashlib
+    if "old" in out:
+        print(f"reads: new / old {out['new']['rows_per_s'] / out['old']['rows_per_s']:.1f}x",
+              flush=True)
     return out
 
 
