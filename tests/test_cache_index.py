@@ -354,3 +354,27 @@ def test_migrated_layout_2_shards_are_checked_once(tmp_path):
         opened = cache_lib.FeatureCache(tmp_path, key())
         with FeatureLoader(opened, digests, np.zeros(10, np.int32), 2) as loader:
             assert loader.check_rows() == expected
+
+
+def test_damage_found_while_tf_data_reads_is_the_cache_message(tmp_path):
+    """Issue 14: with the check before training skipped for checked shards, an edit that
+    kept the shard's mtime is found by the reads of training, inside tf.data: the run
+    stops with the loader's DamagedCacheError, not TensorFlow's wrapped error."""
+    from tlapp.data import datasets
+    from tlapp.pipeline import stages
+
+    feature_cache = cache_lib.FeatureCache(tmp_path, key())
+    digests = fill(feature_cache, 0, 8)
+    shard = feature_cache.dir / feature_cache.shards[1].name
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-4 * SHAPE[0]:] = b"\xff" * 4 * SHAPE[0]  # NaN
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = cache_lib.FeatureCache(tmp_path, key())
+    with FeatureLoader(again, digests, np.zeros(8, np.int32), 2) as loader:
+        with pytest.raises(cache_lib.DamagedCacheError, match="non-finite values"):
+            with stages.damage_reported({"train": loader}):
+                for _ in datasets.ordered_batches(loader, 8, 4):
+                    pass
+    assert not shard.exists()
