@@ -252,18 +252,25 @@ def test_damaged_snapshot_is_rebuilt(tmp_path, caplog):
     assert records.read_snapshot(snapshot)[1].shape == (len(digests),)  # written anew
 
 
-def test_edited_shard_with_restored_mtime_is_caught_when_read(tmp_path):
-    """Issue 13, item 5: bytes changed, size and mtime as before. The fast path cannot see
-    it, nor the check before training (the shard was checked when written: issue 14); the
-    read does (non-finite values), removes the shard and says so."""
+def entry_with_a_nan_edit_keeping_the_mtime(tmp_path, shard_index: int):
+    """An entry of 8 rows (2 shards) whose shard `shard_index` has a NaN written into it,
+    its size and mtime as before; returns (digests, that shard's path)."""
     feature_cache = cache_lib.FeatureCache(tmp_path, key())
     digests = fill(feature_cache, 0, 8)
-    shard = feature_cache.dir / feature_cache.shards[0].name
+    shard = feature_cache.dir / feature_cache.shards[shard_index].name
     stat = shard.stat()
     data = bytearray(shard.read_bytes())
     data[-4 * SHAPE[0]:] = b"\xff" * 4 * SHAPE[0]  # NaN
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return digests, shard
+
+
+def test_edited_shard_with_restored_mtime_is_caught_when_read(tmp_path):
+    """Issue 13, item 5: bytes changed, size and mtime as before. The fast path cannot see
+    it, nor the check before training (the shard was checked when written: issue 14); the
+    read does (non-finite values), removes the shard and says so."""
+    digests, shard = entry_with_a_nan_edit_keeping_the_mtime(tmp_path, 0)
     again = cache_lib.FeatureCache(tmp_path, key())
     assert again.missing(digests) == []  # not seen when opening (no checksum unless changed)
     with FeatureLoader(again, digests, np.zeros(8, np.int32), 2) as loader:
@@ -363,14 +370,7 @@ def test_damage_found_while_tf_data_reads_is_the_cache_message(tmp_path):
     from tlapp.data import datasets
     from tlapp.pipeline import stages
 
-    feature_cache = cache_lib.FeatureCache(tmp_path, key())
-    digests = fill(feature_cache, 0, 8)
-    shard = feature_cache.dir / feature_cache.shards[1].name
-    stat = shard.stat()
-    data = bytearray(shard.read_bytes())
-    data[-4 * SHAPE[0]:] = b"\xff" * 4 * SHAPE[0]  # NaN
-    shard.write_bytes(bytes(data))
-    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    digests, shard = entry_with_a_nan_edit_keeping_the_mtime(tmp_path, 1)
     again = cache_lib.FeatureCache(tmp_path, key())
     with FeatureLoader(again, digests, np.zeros(8, np.int32), 2) as loader:
         with pytest.raises(cache_lib.DamagedCacheError, match="non-finite values"):
