@@ -151,7 +151,8 @@ def _rss_kb() -> int:
 
 def child(kind: str, *args, code: Path = HERE, timeout: float = 7200) -> dict:
     """Runs a worker in a fresh process with tlapp from `code`; returns its JSON."""
-    env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3",
+                   PYTHONSAFEPATH="1")  # -m must not import the tlapp in the cwd
     result = subprocess.run([sys.executable, __file__, "--worker", kind, *map(str, args)],
                             capture_output=True, text=True, env=env, timeout=timeout)
     if result.returncode:
@@ -325,7 +326,8 @@ def part_trial(args, work: Path) -> dict:
             f'data = "{folder}"\nbackbone = "mobilenet_v2"\nweights = "none"\nimage_size = 32\n'
             f'epochs = 1\nbatch_size = 64\ncache_dir = "{run / "cache"}"\nout = "{run / "out"}"\n'
             f'[sweep]\nlr = [0.001, 0.01]\n')
-        env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3")
+        env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3",
+                   PYTHONSAFEPATH="1")  # -m must not import the tlapp in the cwd
         tick = time.perf_counter()
         subprocess.run([sys.executable, "-m", "tlapp", "-q", "experiment", str(experiment)],
                        env=env, check=True, capture_output=True, timeout=7200)
@@ -372,7 +374,8 @@ def part_run300(args, work: Path) -> dict:
     for r in range(args.repeats):
         for name, code in _codes(args):
             run, cache = work / f"run300-{name}-{r}", work / f"run300-cache-{name}-{r}"
-            env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3")
+            env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3",
+                   PYTHONSAFEPATH="1")  # -m must not import the tlapp in the cwd
             tick = time.perf_counter()
             subprocess.run([sys.executable, "-m", "tlapp", "-q", "train", str(data),
                             "--backbone", "resnet50", "--weights", "none", "--epochs", "10",
