@@ -151,7 +151,8 @@ def _rss_kb() -> int:
 
 def child(kind: str, *args, code: Path = HERE, timeout: float = 7200) -> dict:
     """Runs a worker in a fresh process with tlapp from `code`; returns its JSON."""
-    env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3",
+                   PYTHONSAFEPATH="1")  # -m must not import the tlapp in the cwd
     result = subprocess.run([sys.executable, __file__, "--worker", kind, *map(str, args)],
                             capture_output=True, text=True, env=env, timeout=timeout)
     if result.returncode:
@@ -259,7 +260,7 @@ def part_growth(args, work: Path) -> dict:
     for kind in args.kinds:
         for name, code in _codes(args):
             rows = args.rows if name == "new" else args.baseline_rows or args.rows
-            cache = work / f"growth-{name}"
+            cache = work / f"growth-{name}-{kind}"  # one folder per kind: kept apart
             result = child("growth", images / "class_000", cache, rows, kind, code=code)
             early, late, shards = _rates(result)
             out[f"{name} {kind}"] = {"rows": rows, "shards": shards, "first_10pct": early,
@@ -267,20 +268,24 @@ def part_growth(args, work: Path) -> dict:
             print(f"growth {name:8s} {kind:7s} {rows:>9,} rows in {shards:,} shards: first 10% "
                   f"{early:8.0f} rows/s, last 10% {late:8.0f} rows/s, last/first "
                   f"{late / early:.2f}; {load()}", flush=True)
-            if not (kind == "pooled" and args.keep_entry):
+            if not (kind == "pooled" and name == "new" and args.keep_entry):
                 shutil.rmtree(cache, ignore_errors=True)
     return out
 
 
 def part_reads(args, work: Path) -> dict:
-    """Reads from the pooled entry `growth` left in work/growth-new (kept with --keep-entry)."""
-    import hashlib
-
+    """Reads from the pooled entry `growth` left in work/growth-new-pooled (kept with
+    --keep-entry; --rows must not exceed its rows)."""
     sys.path.insert(0, str(HERE))
     from tlapp.features import entries
 
-    cache = work / "growth-new"
-    (entry,) = [e for e in entries.list_entries(cache) if e["key"]["backbone"].endswith("pooled")]
+    cache = work / "growth-new-pooled"
+    found = [e for e in entries.list_entries(cache) if e["key"].get("backbone", "")
+             .endswith("pooled")] if cache.is_dir() else []
+    if len(found) != 1:
+        raise SystemExit(f"reads: no pooled entry in {cache}: run 'growth --kinds pooled "
+                         f"--keep-entry --work {work}' first")
+    (entry,) = found
     key = json.dumps(entry["key"])
     out = {"new": child("reads", cache, key, args.rows, args.read_epochs)}
     print(f"reads new: {out['new']['rows_per_s']:,.0f} rows/s (opening the entry "
@@ -303,7 +308,9 @@ def part_reads(args, work: Path) -> dict:
         shutil.rmtree(old)
     out["consume"] = child("consume", 300)
     print(f"head training consumes {out['consume']['rows_per_s']:,.0f} rows/s", flush=True)
-    assert hashlib
+    if "old" in out:
+        print(f"reads: new / old {out['new']['rows_per_s'] / out['old']['rows_per_s']:.1f}x",
+              flush=True)
     return out
 
 
@@ -319,7 +326,8 @@ def part_trial(args, work: Path) -> dict:
             f'data = "{folder}"\nbackbone = "mobilenet_v2"\nweights = "none"\nimage_size = 32\n'
             f'epochs = 1\nbatch_size = 64\ncache_dir = "{run / "cache"}"\nout = "{run / "out"}"\n'
             f'[sweep]\nlr = [0.001, 0.01]\n')
-        env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3")
+        env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3",
+                   PYTHONSAFEPATH="1")  # -m must not import the tlapp in the cwd
         tick = time.perf_counter()
         subprocess.run([sys.executable, "-m", "tlapp", "-q", "experiment", str(experiment)],
                        env=env, check=True, capture_output=True, timeout=7200)
@@ -366,7 +374,8 @@ def part_run300(args, work: Path) -> dict:
     for r in range(args.repeats):
         for name, code in _codes(args):
             run, cache = work / f"run300-{name}-{r}", work / f"run300-cache-{name}-{r}"
-            env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3")
+            env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3",
+                   PYTHONSAFEPATH="1")  # -m must not import the tlapp in the cwd
             tick = time.perf_counter()
             subprocess.run([sys.executable, "-m", "tlapp", "-q", "train", str(data),
                             "--backbone", "resnet50", "--weights", "none", "--epochs", "10",

@@ -252,22 +252,31 @@ def test_damaged_snapshot_is_rebuilt(tmp_path, caplog):
     assert records.read_snapshot(snapshot)[1].shape == (len(digests),)  # written anew
 
 
-def test_edited_shard_with_restored_mtime_is_caught_when_read(tmp_path):
-    """Issue 13, item 5: bytes changed, size and mtime as before. The fast path cannot see
-    it; the read does (non-finite values), removes the shard and says so."""
+def entry_with_a_nan_edit_keeping_the_mtime(tmp_path, shard_index: int):
+    """An entry of 8 rows (2 shards) whose shard `shard_index` has a NaN written into it,
+    its size and mtime as before; returns (digests, that shard's path)."""
     feature_cache = cache_lib.FeatureCache(tmp_path, key())
     digests = fill(feature_cache, 0, 8)
-    shard = feature_cache.dir / feature_cache.shards[0].name
+    shard = feature_cache.dir / feature_cache.shards[shard_index].name
     stat = shard.stat()
     data = bytearray(shard.read_bytes())
     data[-4 * SHAPE[0]:] = b"\xff" * 4 * SHAPE[0]  # NaN
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return digests, shard
+
+
+def test_edited_shard_with_restored_mtime_is_caught_when_read(tmp_path):
+    """Issue 13, item 5: bytes changed, size and mtime as before. The fast path cannot see
+    it, nor the check before training (the shard was checked when written: issue 14); the
+    read does (non-finite values), removes the shard and says so."""
+    digests, shard = entry_with_a_nan_edit_keeping_the_mtime(tmp_path, 0)
     again = cache_lib.FeatureCache(tmp_path, key())
     assert again.missing(digests) == []  # not seen when opening (no checksum unless changed)
     with FeatureLoader(again, digests, np.zeros(8, np.int32), 2) as loader:
+        assert loader.check_rows() == 0
         with pytest.raises(cache_lib.DamagedCacheError, match="non-finite values"):
-            loader.check_rows()
+            loader.gather(np.arange(8))
     assert not shard.exists()
     assert len(cache_lib.FeatureCache(tmp_path, key()).missing(digests)) == 4
 
@@ -301,3 +310,71 @@ def test_short_write_on_a_full_disk(tmp_path, monkeypatch):
     again = cache_lib.FeatureCache(tmp_path, key())
     assert again.missing(digests + [digest(9)]) == [(digest(9), 0)]
     assert cache_lib.verify_entry(again.dir) == []
+
+
+def forget_finite_check(entry, shard_names) -> None:
+    """Rewrites records as the code before issue 14 wrote them: without "finite"."""
+    for name in shard_names:
+        path = records.record_path(entry, name)
+        with np.load(path) as stored:
+            keys, meta = stored["keys"], json.loads(stored["meta"].tobytes())
+        meta.pop("finite")
+        records.publish(path, records.save_arrays({"keys": keys,
+                                                   "meta": records.json_array(meta)}))
+
+
+@pytest.mark.parametrize("shards", [3, index_lib.SNAPSHOT_MIN_NEW + 1])  # with a snapshot
+def test_rows_are_checked_for_non_finite_values_once_per_shard(tmp_path, shards):
+    """Issue 14: shards written now were checked when written; older ones are read whole
+    by the first run that uses them, then recorded as checked: no run reads them again."""
+    feature_cache = cache_lib.FeatureCache(tmp_path, key())
+    digests = fill(feature_cache, 0, 2 * shards, per_shard=2)
+    assert all(shard.finite for shard in feature_cache.shards)
+    cache_lib.FeatureCache(tmp_path, key())  # writes the snapshot when there are enough
+    assert (feature_cache.dir / index_lib.SNAPSHOT).exists() == (shards > 3)
+
+    def rows_checked(subset):
+        opened = cache_lib.FeatureCache(tmp_path, key())
+        with FeatureLoader(opened, subset, np.zeros(len(subset), np.int32), 2) as loader:
+            return loader.check_rows(), loader.reader.bytes_read
+
+    assert rows_checked(digests) == (0, 0)
+    forget_finite_check(feature_cache.dir, feature_cache.shard_names)
+    if shards > 3:  # and the snapshot that covers them says nothing either
+        listed, keys, meta = records.read_snapshot(feature_cache.dir / index_lib.SNAPSHOT)
+        arrays = records.snapshot_arrays(listed, keys, meta)
+        del arrays["finite"]
+        records.publish(feature_cache.dir / index_lib.SNAPSHOT, records.save_arrays(arrays))
+    assert not any(s.finite for s in cache_lib.FeatureCache(tmp_path, key()).shards)
+    row_bytes = 4 * SHAPE[0]
+    assert rows_checked(digests[:1]) == (2, 2 * row_bytes)  # its whole shard, once
+    assert rows_checked(digests) == (2 * shards - 2, (2 * shards - 2) * row_bytes)
+    assert rows_checked(digests) == (0, 0)
+    assert all(s.finite for s in cache_lib.FeatureCache(tmp_path, key()).shards)
+    assert cache_lib.verify_entry(feature_cache.dir) == []
+
+
+def test_migrated_layout_2_shards_are_checked_once(tmp_path):
+    digests = [digest(i) for i in range(10)]
+    write_layout_2(cache_lib.entry_dir(tmp_path, key()), digests)
+    for expected in (10, 0):
+        opened = cache_lib.FeatureCache(tmp_path, key())
+        with FeatureLoader(opened, digests, np.zeros(10, np.int32), 2) as loader:
+            assert loader.check_rows() == expected
+
+
+def test_damage_found_while_tf_data_reads_is_the_cache_message(tmp_path):
+    """Issue 14: with the check before training skipped for checked shards, an edit that
+    kept the shard's mtime is found by the reads of training, inside tf.data: the run
+    stops with the loader's DamagedCacheError, not TensorFlow's wrapped error."""
+    from tlapp.data import datasets
+    from tlapp.pipeline import stages
+
+    digests, shard = entry_with_a_nan_edit_keeping_the_mtime(tmp_path, 1)
+    again = cache_lib.FeatureCache(tmp_path, key())
+    with FeatureLoader(again, digests, np.zeros(8, np.int32), 2) as loader:
+        with pytest.raises(cache_lib.DamagedCacheError, match="non-finite values"):
+            with stages.damage_reported({"train": loader}):
+                for _ in datasets.ordered_batches(loader, 8, 4):
+                    pass
+    assert not shard.exists()

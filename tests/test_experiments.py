@@ -106,6 +106,33 @@ def test_runs_sharing_a_stem_extract_it_once(experiment):
     assert "| 15/15 |" in (experiment[1] / "results.md").read_text()
 
 
+@pytest.mark.slow
+def test_runs_of_an_experiment_skip_the_saved_model_and_export_it_on_demand(experiment,
+                                                                             capsys):
+    """Issue 14: a run of an experiment is written without RUN/saved_model (config and
+    metrics say so); predict works on it, and 'tlapp export RUN' writes the SavedModel,
+    which answers as predict does."""
+    import numpy as np
+    import tensorflow as tf
+
+    run = experiment[1] / "lr=0.01"
+    assert not (run / "saved_model").exists()
+    assert 'saved_model = "off"' in (run / "config.toml").read_text()
+    assert json.loads((run / "metrics.json").read_text())["saved_model"]["written"] is False
+    image = next(p for p in (experiment[1].parent / "data").rglob("*.jpg"))
+    capsys.readouterr()
+    assert cli.main(["predict", str(image), "--model", str(run), "--json", "--top-k", "3"]) == 0
+    predicted = json.loads(capsys.readouterr().out.splitlines()[0])["predictions"]
+    assert cli.main(["export", str(run)]) == 0
+    served = tf.saved_model.load(str(run / "saved_model")).signatures["serving_default"](
+        images=tf.constant([image.read_bytes()]))
+    labels = (run / "labels.txt").read_text().split()
+    assert labels[int(served["class_index"][0])] == predicted[0]["label"]
+    np.testing.assert_allclose(
+        served["probabilities"].numpy()[0][[labels.index(p["label"]) for p in predicted]],
+        [p["probability"] for p in predicted], atol=1e-4)
+
+
 def test_rerun_skips_finished_runs(experiment, monkeypatch, capsys):
     status, out, path = experiment
     calls = []

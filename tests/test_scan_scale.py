@@ -163,3 +163,29 @@ def test_scan_memory_per_file_is_bounded(tmp_path):
     tracemalloc.stop()
     assert len(scanned.samples) == 20_000 and not scanned.skipped
     assert peak / 20_000 < 600, f"{peak / 20_000:.0f} bytes per file"
+
+
+@pytest.mark.slow
+def test_rescan_looks_files_up_a_window_at_a_time(tmp_path, monkeypatch):
+    """Issue 14: an unchanged folder is rescanned with one SQLite query per window of
+    files (it was one per file), with the same result, and nothing is written."""
+    from tlapp.data import checking
+
+    write_tiny_bmps(tmp_path / "data", 300, distinct=300)
+    for path in (tmp_path / "data").rglob("*.bmp"):  # written clearly before the scan
+        os.utime(path, (1_600_000_000, 1_600_000_000))
+    first = scan.scan_folder(tmp_path / "data", cache_dir=tmp_path / "cache")
+    statements = []
+    connect = check_store.CheckStore._connect
+
+    def traced(self):
+        db = connect(self)
+        db.set_trace_callback(statements.append)
+        return db
+
+    monkeypatch.setattr(check_store.CheckStore, "_connect", traced)
+    again = scan.scan_folder(tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert again.split_json() == first.split_json()
+    lookups = [s for s in statements if s.lstrip().upper().startswith("SELECT F.")]
+    assert 0 < len(lookups) <= -(-300 // checking.WINDOW)
+    assert not [s for s in statements if s.lstrip().upper().startswith(("INSERT", "BEGIN"))]

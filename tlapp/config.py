@@ -149,6 +149,10 @@ class Config:
                                  "MLflow ($MLFLOW_TRACKING_URI, else mlruns/ in the current "
                                  "folder; pip install \"tlapp[mlflow]\")",
                          choices=("none", "mlflow"))
+    saved_model: str = setting("on", "on: write RUN/saved_model when the run finishes; off: "
+                                     "skip it (the runs of 'tlapp experiment' default to off; "
+                                     "'tlapp export RUN' writes it later)",
+                               choices=("on", "off"))
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))

@@ -219,8 +219,12 @@ def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentRes
     keras.backend.clear_session()  # free the previous run's graphs; stable layer names
     errors = folder.parent / "errors" / f"{run.name}.txt"
     try:
+        # A run of an experiment is one candidate: its SavedModel is written on demand
+        # ('tlapp export RUN'), unless the file asks for it (saved_model = "on").
         config = config_lib.from_dict(
-            run.values | {"out": str(folder), "cache_dir": str(cache_dir)}, f"run {run.name}")
+            {"saved_model": "off"} | run.values | {"out": str(folder),
+                                                    "cache_dir": str(cache_dir)},
+            f"run {run.name}")
         finished = pipeline.run(config, scans=scans)
     except Exception as e:  # recorded, and the other runs go on
         message = f"{type(e).__name__}: {e}"

@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS results (digest BLOB PRIMARY KEY, reason TEXT, detail
 """
 LOOKUP = ("SELECT f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail, r.height, "
           "r.width FROM files f LEFT JOIN results r ON r.digest = f.digest WHERE f.path = ?")
+LOOKUP_MANY = ("SELECT f.path, f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail, "
+               "r.height, r.width FROM files f LEFT JOIN results r ON r.digest = f.digest "
+               "WHERE f.path IN ({})")
+LOOKUP_BATCH = 500  # paths per query (SQLite's oldest limit on parameters is 999)
 
 
 def _record(row) -> dict | None:
@@ -46,6 +50,16 @@ def _record(row) -> dict | None:
     reason, detail, height, width = row
     return {"reason": reason, "detail": detail or "", "height": height or 0,
             "width": width or 0}
+
+
+def unchanged(row, stat: os.stat_result) -> tuple[str, dict | None] | None:
+    """(content hash, stored verdict or None) from a file's stored row (see LOOKUP) if the
+    file is unchanged since it was hashed (size and mtime, and modified clearly before the
+    hash was taken), else None."""
+    if row is None or row[0] != stat.st_size or row[1] != stat.st_mtime_ns or \
+            stat.st_mtime_ns >= row[3] - SAME_TICK_NS:
+        return None
+    return row[2].hex(), _record(row[4:])
 
 
 class CheckStore:
@@ -78,11 +92,17 @@ class CheckStore:
 
     def known(self, path: str, stat: os.stat_result) -> tuple[str, dict | None] | None:
         """(content hash, stored verdict or None) of an unchanged file, or None."""
-        row = self.db.execute(LOOKUP, (path,)).fetchone()
-        if row is None or row[0] != stat.st_size or row[1] != stat.st_mtime_ns or \
-                stat.st_mtime_ns >= row[3] - SAME_TICK_NS:
-            return None
-        return row[2].hex(), _record(row[4:])
+        return unchanged(self.db.execute(LOOKUP, (path,)).fetchone(), stat)
+
+    def rows_of(self, paths: list[str]) -> dict[str, tuple]:
+        """The stored rows of these absolute paths (those it has), for `unchanged`: one
+        query per LOOKUP_BATCH paths instead of one per file."""
+        rows = {}
+        for start in range(0, len(paths), LOOKUP_BATCH):
+            chunk = paths[start:start + LOOKUP_BATCH]
+            for row in self.db.execute(LOOKUP_MANY.format(",".join("?" * len(chunk))), chunk):
+                rows[row[0]] = row[1:]
+        return rows
 
     def result(self, digest: str) -> dict | None:
         key = bytes.fromhex(digest)

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tlapp.constants import DEFAULT_MAX_PIXELS
 from tlapp.data import validation
-from tlapp.data.check_store import open_store
+from tlapp.data.check_store import open_store, unchanged
 from tlapp.progress import Progress
 
 WINDOW = 256  # files stat-ed, looked up and read per step of the main loop
@@ -76,18 +76,22 @@ def check_files(root: str, relative: Sequence[str], max_pixels: int = DEFAULT_MA
             judged(*message[1:])
         return True
 
+    base = os.path.join(os.path.abspath(root), "")
     try:
         with concurrent.futures.ThreadPoolExecutor(READERS) as pool:
             for start in range(0, len(relative), WINDOW):
-                to_read = []
+                to_read, window = [], []
                 for i in range(start, min(start + WINDOW, len(relative))):
-                    path = os.path.join(root, relative[i])
+                    # the absolute path (the store's key) without os.path.abspath per file
+                    name = relative[i]
+                    path = os.path.normpath(name if name.startswith("/") else base + name)
                     try:
-                        stat = os.stat(path)
+                        window.append((i, path, os.stat(path)))
                     except OSError as e:
                         settle(i, None, validation.record("unreadable", e.strerror or str(e)))
-                        continue
-                    known = store.known(os.path.abspath(path), stat) if store else None
+                rows = store.rows_of([path for _, path, _ in window]) if store else {}
+                for i, path, stat in window:
+                    known = unchanged(rows.get(path), stat)
                     result = known and known[1] and validation.verdict(known[1], max_pixels)
                     if result:
                         settle(i, known[0], result)
@@ -101,7 +105,7 @@ def check_files(root: str, relative: Sequence[str], max_pixels: int = DEFAULT_MA
                         continue
                     data, digest = got
                     if store:
-                        store.add_file(os.path.abspath(path), stat, digest, started)
+                        store.add_file(path, stat, digest, started)
                     stored = store.result(digest) if store else None
                     result = stored and validation.verdict(stored, max_pixels)
                     if result:

@@ -215,7 +215,7 @@ class FeatureCache:
             records.publish(path, _npy_writer(features))
             stat = path.stat()
             shard = ShardInfo(name, len(keys), stat.st_size, stat.st_mtime_ns,
-                              file_sha256(path), records.rows_sha256(keys))
+                              file_sha256(path), records.rows_sha256(keys), finite=True)
             records.write_record(self.dir, shard, keys, {
                 "key": self.key, "feature_shape": list(features.shape[1:]),
                 "dtype": self.dtype.name})
@@ -242,6 +242,20 @@ class FeatureCache:
             (self.dir / name).unlink(missing_ok=True)
             records.record_path(self.dir, name).unlink(missing_ok=True)
         return lost
+
+    def unchecked_shards(self) -> set[int]:
+        """Indices (into `shards`) of the shards whose rows were never checked for
+        non-finite values (written before records said so, or migrated from layout 2)."""
+        return {i for i, shard in enumerate(self.shards) if not shard.finite}
+
+    def mark_finite(self, indices: set[int]) -> None:
+        """Records that the rows of these shards were all read and found finite."""
+        chosen = sorted(indices)
+        marked = index_lib.mark_finite(self.dir, [self.shards[i] for i in chosen], {
+            "key": self.key, "feature_shape": list(self.feature_shape),
+            "dtype": self.dtype.name})
+        for i, shard in zip(chosen, marked):
+            self.shards[i] = shard
 
     def touch(self) -> None:
         """Marks the entry used (the mtime of an empty file; nothing is rewritten)."""

@@ -234,6 +234,29 @@ def _read_manifest(entry: Path, names: set[str], problems: list
     return shards, drop, meta
 
 
+def mark_finite(entry: Path, shards: list[ShardInfo], entry_meta: dict) -> list[ShardInfo]:
+    """Records that these shards' rows were read and found finite, so that no later run
+    reads them for that again: their records are written anew (and the snapshot, if it
+    lists them). Returns the shards as now recorded. Best effort: a read-only cache is
+    checked again next time."""
+    marked = [dataclasses.replace(shard, finite=True) for shard in shards]
+    try:
+        for shard in marked:
+            _, keys, _ = records.read_record(records.record_path(entry, shard.name))
+            records.write_record(entry, shard, keys, entry_meta)
+        snapshot = entry / SNAPSHOT
+        if snapshot.exists():
+            listed, keys, meta = records.read_snapshot(snapshot)
+            by_name = {shard.name: shard for shard in marked}
+            if any(shard.name in by_name for shard in listed):
+                listed = [by_name.get(shard.name, shard) for shard in listed]
+                records.publish(snapshot, records.save_arrays(
+                    records.snapshot_arrays(listed, keys, meta)))
+    except (OSError, RecordError) as e:  # removed meanwhile, or read-only: checked again
+        log.debug("cache: could not record the finite check in %s: %s", entry, e)
+    return marked
+
+
 def touch(entry: Path, when: float | None = None) -> None:
     """Marks the entry used now (or at `when`): the mtime of an empty file, nothing rewritten."""
     path = entry / LAST_USED

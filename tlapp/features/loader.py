@@ -4,7 +4,9 @@ A call reads many rows at once (several batches: `read_rows`), sorted by shard a
 gathered shard by shard from memory maps, so the cost per row is a copy, not a Python call
 and a system call. Every row read is checked for non-finite values: the stem's rows are
 always finite (extraction refuses others), so such a row means the shard was changed after
-it was written, even if its mtime was restored.
+it was written, even if its mtime was restored. Before training, `check_rows` reads the
+rows of shards whose record does not yet say "finite" (written before records said so),
+once per shard for the entry's life, not on every run.
 """
 from __future__ import annotations
 
@@ -115,6 +117,7 @@ class FeatureLoader:
 
     def __init__(self, cache: FeatureCache, digests: list[str], labels: np.ndarray,
                  num_classes: int):
+        self.cache = cache
         self.shards, self.rows = cache.locate(digests) if len(digests) else (
             np.zeros((0, cache.views), np.int32), np.zeros((0, cache.views), np.int32))
         self.shape, self.dtype, self.views = cache.feature_shape, cache.dtype, cache.views
@@ -138,20 +141,29 @@ class FeatureLoader:
         rows = tf.cast(tf.ensure_shape(rows, (None,) + self.shape), tf.float32)
         return rows, targets(self.labels, idx, self.num_classes)
 
-    def check_rows(self) -> None:
-        """Reads every row of every view once, in storage order (the non-finite check).
+    def check_rows(self) -> int:
+        """The non-finite check of rows that never had it: reads whole, in storage order,
+        each shard this loader uses whose record does not say "finite" yet, then records
+        it as checked. Shards written by this version were checked when written and are
+        not read. Returns the rows read.
 
         Raises:
             DamagedCacheError: a damaged shard (already removed from the entry).
         """
-        shards, rows = self.shards.ravel(), self.rows.ravel()
-        order = np.lexsort((rows, shards))
-        step = self.read_rows * 8  # in storage order: mostly long runs, read as slices
-        progress = Progress(len(order), "row", "cache check")
-        for start in range(0, len(order), step):
-            chosen = order[start:start + step]
-            self.reader.read(shards[chosen], rows[chosen])
-            progress.update(start + len(chosen))
+        unchecked = self.cache.unchecked_shards() & {int(i) for i in np.unique(self.shards)}
+        if not unchecked:
+            return 0
+        chosen = sorted(unchecked)
+        counts = [self.cache.shards[i].rows for i in chosen]
+        shards = np.repeat(np.array(chosen, np.int64), counts)
+        rows = np.concatenate([np.arange(n, dtype=np.int64) for n in counts])
+        step = self.read_rows * 8  # in storage order: long runs, read as slices
+        progress = Progress(len(rows), "row", "cache check")
+        for start in range(0, len(rows), step):
+            self.reader.read(shards[start:start + step], rows[start:start + step])
+            progress.update(min(start + step, len(rows)))
+        self.cache.mark_finite(unchecked)
+        return len(rows)
 
     def close(self) -> None:
         self.reader.close()

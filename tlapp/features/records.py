@@ -53,6 +53,8 @@ class ShardInfo:
     sha256: str
     rows_sha256: str  # sha256 of the shard's keys
     legacy: bool = False  # migrated from a layout-2 manifest (named by the old rule)
+    finite: bool = False  # its rows were checked for non-finite values (when written, or
+    # once by the first run that read them: records written before this field say nothing)
 
 
 def digest_bytes(digests: Sequence[str]) -> np.ndarray:
@@ -148,7 +150,7 @@ def read_record(path: Path) -> tuple[ShardInfo, np.ndarray, dict]:
             meta = json.loads(stored["meta"].tobytes())
             keys = stored["keys"]
         fields = {f.name: meta[f.name] for f in dataclasses.fields(ShardInfo)
-                  if f.name in meta or f.name != "legacy"}
+                  if f.name in meta or f.name not in ("legacy", "finite")}
         shard = ShardInfo(**fields)
     except Exception as e:  # zipfile, zlib, numpy, json and key errors alike
         raise RecordError(f"unreadable record ({type(e).__name__}: {e})") from None
@@ -176,7 +178,7 @@ def snapshot_arrays(shards: list[ShardInfo], keys: np.ndarray, entry_meta: dict)
     return {"name": column("name", "S32"), "rows": column("rows", np.int64),
             "bytes": column("bytes", np.int64), "mtime_ns": column("mtime_ns", np.int64),
             "sha256": column("sha256", "S64"), "rows_sha256": column("rows_sha256", "S64"),
-            "legacy": column("legacy", bool), "keys": keys,
+            "legacy": column("legacy", bool), "finite": column("finite", bool), "keys": keys,
             "meta": json_array({"layout": LAYOUT, **entry_meta})}
 
 
@@ -191,11 +193,13 @@ def read_snapshot(path: Path) -> tuple[list[ShardInfo], np.ndarray, dict]:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {name: stored[name] for name in stored.files}
         meta = json.loads(arrays["meta"].tobytes())
+        finite = arrays.get("finite", np.zeros(len(arrays["name"]), bool))  # older snapshots
         shards = [ShardInfo(name.decode(), int(rows), int(size), int(mtime), sha.decode(),
-                            rows_sha.decode(), bool(legacy))
-                  for name, rows, size, mtime, sha, rows_sha, legacy in zip(
+                            rows_sha.decode(), bool(legacy), bool(checked))
+                  for name, rows, size, mtime, sha, rows_sha, legacy, checked in zip(
                       arrays["name"], arrays["rows"], arrays["bytes"], arrays["mtime_ns"],
-                      arrays["sha256"], arrays["rows_sha256"], arrays["legacy"])]
+                      arrays["sha256"], arrays["rows_sha256"], arrays["legacy"], finite,
+                      strict=True)]
         keys = arrays["keys"]
     except FileNotFoundError:
         raise RecordError("missing") from None

@@ -184,11 +184,13 @@ def _gallery_section(folder: Path, files: Path, model, labels: list[str]) -> str
     if not rows:
         return "<h2>Most confident mistakes</h2><p>No test image was misclassified.</p>"
     root = _data_root(folder)
+    paths = [Path(row["file"]) if root is None else root / row["file"] for row in rows]
+    predicted = [labels.index(row["predicted"]) if row["predicted"] in labels else None
+                 for row in rows]
+    overlays = _grad_cams(model, paths, predicted)
     cards = []
-    for i, row in enumerate(rows):
-        path = Path(row["file"]) if root is None else root / row["file"]
-        images = _thumbnails(path, files, i, model, labels.index(row["predicted"])
-                             if row["predicted"] in labels else None)
+    for i, (row, path) in enumerate(zip(rows, paths)):
+        images = _thumbnails(path, files, i, overlays.get(i))
         pictures = "".join(f'<img src="{FILES}/{e(name)}" alt="{e(alt)}">'
                            for name, alt in images) or '<p class="muted">(image not found)</p>'
         cards.append(f'<div class="card">{pictures}<div>{e(row["file"])}</div><div>true '
@@ -211,9 +213,28 @@ def _data_root(folder: Path) -> Path | None:
         return None
 
 
-def _thumbnails(path: Path, files: Path, i: int, model, predicted: int | None
+def _grad_cams(model, paths: list[Path], predicted: list[int | None]) -> dict[int, dict]:
+    """Grad-CAM of the predicted class for each row that has one, in one call (batched):
+    row index -> explain_files' result."""
+    chosen = [i for i, p in enumerate(predicted) if p is not None and paths[i].is_file()]
+    if model is None or not chosen:
+        return {}
+    try:
+        from tlapp.inference.explain import explain_files
+
+        size = int(model.input.shape[1])
+        results = explain_files(model, [str(paths[i]) for i in chosen], size,
+                                [predicted[i] for i in chosen])
+    except Exception as error:  # the gallery keeps the images; the overlays are a bonus
+        log.warning("report: no Grad-CAM overlays (%s)", error)
+        return {}
+    return dict(zip(chosen, results))
+
+
+def _thumbnails(path: Path, files: Path, i: int, result: dict | None
                 ) -> list[tuple[str, str]]:
-    """The image and its Grad-CAM overlay as small JPEGs in `files`."""
+    """The image and its Grad-CAM overlay (`result` of explain_files) as small JPEGs in
+    `files`."""
     try:
         with Image.open(path) as image:
             picture = image.convert("RGB")
@@ -222,20 +243,11 @@ def _thumbnails(path: Path, files: Path, i: int, model, predicted: int | None
     picture.thumbnail((THUMB, THUMB))
     written = [(f"{i:02d}.jpg", "image")]
     picture.save(files / written[0][0], quality=85)
-    if model is not None and predicted is not None:
-        try:
-            from tlapp.inference.explain import explain_files
-
-            size = int(model.input.shape[1])
-            result = explain_files(model, [str(path)], size, [predicted])[0]
-        except Exception as error:  # the gallery keeps the image; the overlay is a bonus
-            log.warning("report: no Grad-CAM for %s (%s)", path, error)
-            return written
-        if "heatmap" in result:
-            overlay = _overlay(result["pixels"], result["heatmap"])
-            overlay.thumbnail((THUMB, THUMB))
-            written.append((f"{i:02d}-gradcam.jpg", "Grad-CAM overlay"))
-            overlay.save(files / written[1][0], quality=85)
+    if result is not None and "heatmap" in result:
+        overlay = _overlay(result["pixels"], result["heatmap"])
+        overlay.thumbnail((THUMB, THUMB))
+        written.append((f"{i:02d}-gradcam.jpg", "Grad-CAM overlay"))
+        overlay.save(files / written[1][0], quality=85)
     return written
 
 

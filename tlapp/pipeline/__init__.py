@@ -175,7 +175,7 @@ def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | Non
         if layout.is_chief:  # the only writer of the run folder; outside the strategy, so
             with layout.paused():  # that nothing in it waits for the other workers
                 folder.save_outputs(temp, models, scanned, splits, checkpoint, results,
-                                    probabilities)
+                                    probabilities, config.saved_model == "on")
         timings["save_export_s"] = time.perf_counter() - tick
     weights = stages.class_weights(config, splits, plan.classes)
     metrics = {
@@ -192,6 +192,7 @@ def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | Non
         "final_epoch": checkpoint.state["history"][-1] if checkpoint.state["history"] else {},
         **({"lr_find": auto} if auto else {}),
         "distribution": layout.record(),
+        "saved_model": folder.saved_model_record(config.saved_model == "on"),
         "timings": {k: round(v, 3) for k, v in timings.items()}
         | {"total_s": round(time.perf_counter() - start, 3)},
     }

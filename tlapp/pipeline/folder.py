@@ -124,8 +124,10 @@ def write_run_files(temp: Path, plan: Plan, scanned: ScannedData) -> None:
 
 
 def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: Splits,
-                 checkpoint: Checkpoint, results: dict, probabilities: dict) -> None:
-    """history.csv, plots, evaluation reports, model.keras and the SavedModel."""
+                 checkpoint: Checkpoint, results: dict, probabilities: dict,
+                 saved_model: bool = True) -> None:
+    """history.csv, plots, evaluation reports, model.keras and (unless saved_model=False)
+    the SavedModel, which `tlapp export RUN` can write later from model.keras."""
     history = checkpoint.state["history"]
     fit.write_history(temp / "history.csv", history)
     plot_history(history, temp / "plots" / "training_curves.png")
@@ -145,9 +147,10 @@ def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: 
             "reject_below": reject["reject_below"], "chosen": reject["chosen"],
             "keep": reject["keep"]})
     models.full.save(temp / "model.keras")
-    export_saved_model(models.full, scanned.classes, temp / "saved_model",
-                       thresholds=thresholds,
-                       reject_below=reject["reject_below"] if reject else None)
+    if saved_model:
+        export_saved_model(models.full, scanned.classes, temp / "saved_model",
+                           thresholds=thresholds,
+                           reject_below=reject["reject_below"] if reject else None)
     shutil.rmtree(temp / "checkpoints", ignore_errors=True)  # the run is complete
     (temp / distribute.LAYOUT_FILE).unlink(missing_ok=True)  # in metrics.json from now on
 
@@ -195,3 +198,12 @@ def write_card_safely(temp: Path, name: str) -> None:
     except Exception as error:  # noqa: BLE001 - the run itself is complete
         log.warning("model card: MODEL_CARD.md was not written (%s: %s); 'tlapp report RUN' "
                     "writes it later", type(error).__name__, error)
+
+
+def saved_model_record(written: bool) -> dict:
+    """metrics.json's "saved_model": whether RUN/saved_model was written, and if not, how."""
+    if written:
+        return {"written": True, "path": "saved_model"}
+    return {"written": False, "path": None,
+            "note": "saved_model = 'off': 'tlapp export RUN' writes RUN/saved_model from "
+                    "model.keras"}

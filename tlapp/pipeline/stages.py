@@ -158,19 +158,36 @@ def adapt_cached(plan: Plan, models: head.Models, splits: Splits, loaders: dict)
     batch_size = plan.config.batch_size
     features = {name: datasets.ordered_batches(loaders[name], splits.count(name), batch_size)
                 for name in SPLITS}
-    head.adapt_head(models, (x if models.pooled else
-                             sharding.predict_batch(models.pooled_features, x)
-                             for x, _ in features["train"]))
+    with damage_reported(loaders):
+        head.adapt_head(models, (x if models.pooled else
+                                 sharding.predict_batch(models.pooled_features, x)
+                                 for x, _ in features["train"]))
     return features
+
+
+@contextlib.contextmanager
+def damage_reported(loaders: dict):
+    """A shard found damaged while tf.data reads it (non-finite rows in a shard whose mtime
+    was restored after an edit: only reading sees it) surfaces as the loader's one-paragraph
+    DamagedCacheError (the shard is already removed), not as TensorFlow's wrapped error."""
+    try:
+        yield
+    except Exception as error:
+        damage = next((loader.reader.damage for loader in loaders.values()
+                       if loader.reader.damage is not None), None)
+        if damage is None or error is damage:
+            raise
+        raise damage from None
 
 
 def train_on_cache(plan: Plan, models: head.Models, splits: Splits, loaders: dict,
                    features: dict, checkpoint: Checkpoint, log_dir: Path | None,
                    callbacks: tuple = ()) -> None:
     """Stage 1 on cached features (`features` from `adapt_cached`)."""
-    fit.fit_stage("head", models.train, settings(plan, splits), splits.count("train"),
-                  loaders["train"], features["val"] if splits.count("val") else None,
-                  checkpoint=checkpoint, log_dir=log_dir, callbacks=callbacks)
+    with damage_reported(loaders):
+        fit.fit_stage("head", models.train, settings(plan, splits), splits.count("train"),
+                      loaders["train"], features["val"] if splits.count("val") else None,
+                      checkpoint=checkpoint, log_dir=log_dir, callbacks=callbacks)
 
 
 def unfreeze(plan: Plan, models: head.Models) -> None:
