@@ -186,7 +186,11 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
     log.info("experiment: %d runs in %s, feature cache %s", len(planned), out, cache_dir)
     scans: dict = {}  # one scan per data folder and split settings, shared by its runs
     with tracking.maybe_run(base.get("track") == "mlflow", out.name,  # runs log as children
-                            run_id_file=out / "mlflow_run_id.txt"):
+                            run_id_file=out / "mlflow_run_id.txt",
+                            tags={"tlapp.kind": "experiment"}) as tracker:
+        if tracker:
+            tracker.log_params({"experiment.runs": len(planned)} | tracking.params_of(
+                {f"experiment.sweep.{k}": v for k, v in sweep.items()}))
         for number, run in enumerate(planned, 1):
             folder = out / run.name
             row = {"run": run.name, **{k: "" if run.settings[k] is None else run.settings[k]
@@ -205,8 +209,10 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
                 row |= _train(run, folder, cache_dir, result, scans)
             result.rows.append(row)
             write_results(result)
-    plot_results(result.rows, out / "plots" / "results.png")
-    write_results(result)  # again: report.html shows the plot
+        plot_results(result.rows, out / "plots" / "results.png")
+        write_results(result)  # again: report.html shows the plot
+        if tracker:
+            _log_summary(tracker, result)
     counts = {s: sum(r["status"] == s for r in result.rows)
               for s in ("trained", "skipped", "failed")}
     log.info("experiment: %d trained, %d skipped (finished earlier), %d failed; results in %s",
@@ -236,6 +242,16 @@ def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentRes
         return {"status": "failed", "error": message}
     errors.unlink(missing_ok=True)
     return _metrics_row(finished.metrics, "trained")
+
+
+def _log_summary(tracker, result: ExperimentResult) -> None:
+    """The parent MLflow run: the best run's validation accuracy and the results files."""
+    done = [r for r in result.rows if r["status"] != "failed" and r["val_accuracy"] is not None]
+    if done:
+        tracker.log_metrics({"best_val_accuracy": max(r["val_accuracy"] for r in done),
+                             "runs_failed": sum(r["status"] == "failed" for r in result.rows)})
+    tracker.log_files([result.out / name for name in ("results.md", "results.csv",
+                                                      "report.html", "plots")])
 
 
 def _changed_settings(folder: Path, values: dict) -> str:

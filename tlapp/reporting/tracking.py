@@ -99,6 +99,10 @@ class Tracker:
             elif path.is_file():
                 self.mlflow.log_artifact(str(path), run_id=self.run_id)
 
+    def log_text(self, text: str, name: str) -> None:
+        """`text` as an artifact file called `name`."""
+        self.mlflow.log_text(text, name, run_id=self.run_id)
+
     def log_run_folder(self, folder: Path) -> None:
         """The run folder's files (config, labels, split, history, metrics, reports,
         plots) as artifacts, and its SavedModel as a logged model."""

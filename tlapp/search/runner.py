@@ -118,15 +118,14 @@ def _run_trial(study, spec: SearchSpec, base: dict, runner: TrialRunner, out: Pa
     reporter = PruningReporter(trial)
     with tracking.maybe_run(tracker is not None, f"trial-{number}",
                             tags={"tlapp.trial": number}) as child:
-        if child:
-            child.log_params(params | {"trial": number})
-
         def callbacks(stage):
             return [reporter] + ([child.epoch_logger(stage)] if child else [])
 
         try:
-            outcome = runner.train(config_lib.from_dict(base | params, f"trial {number}"),
-                                   out / "trials" / f"trial-{number:03d}", callbacks)
+            config = config_lib.from_dict(base | params, f"trial {number}")
+            if child:  # the whole resolved config, as a run's parameters are
+                child.log_params(tracking.params_of(config.to_dict()) | {"trial": number})
+            outcome = runner.train(config, out / "trials" / f"trial-{number:03d}", callbacks)
         except TrialPruned:
             trial.set_user_attr("epochs", reporter.epochs)
             study.tell(trial, state=TrialState.PRUNED)
@@ -154,7 +153,13 @@ def _run_trial(study, spec: SearchSpec, base: dict, runner: TrialRunner, out: Pa
                  outcome.val_accuracy or 0.0, outcome.seconds)
         if child:
             child.log_metrics({"val_accuracy": outcome.val_accuracy or 0.0,
-                               "seconds": outcome.seconds})
+                               "seconds": outcome.seconds, "epochs": len(outcome.history)})
+            if outcome.config.lr != config.lr:  # lr = "auto": the rate the range test chose
+                child.log_params({"lr_chosen": outcome.config.lr})
+            # the trial as a ready-to-run config; no run folder is kept for a trial
+            child.log_text(config_lib.to_toml(outcome.config.replace(out=None)),
+                           "config.toml")
+            child.log_files([out / "trials" / f"trial-{number:03d}"])  # range-test plots
             child.set_tags({"tlapp.state": "complete"})
 
 
