@@ -31,7 +31,9 @@ def tracked(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("tracked_experiments")
     make_folder(base / "data", per_class=6)
-    sweep = write_file(base, "sweep", "[sweep]\nlr = [0.01, 0.1]\n")
+    # The runs of an experiment skip the SavedModel unless the file asks for it: this one
+    # does, so each child also logs it as an MLflow model.
+    sweep = write_file(base, "sweep", 'saved_model = "on"\n[sweep]\nlr = [0.01, 0.1]\n')
     search = write_file(base, "search", '[search]\nmethod = "bayes"\ntrials = 2\n'
                                         'prune = false\nlr = { log = [1e-3, 1e-1] }\n')
     stems, real = [], stages.cached_features
