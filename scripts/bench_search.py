@@ -52,6 +52,12 @@ SPACE = ('lr = { log = [1e-4, 3e-2] }\ndropout = { linear = [0.0, 0.6] }\n'
          'batch_size = { choice = [16, 32, 64] }\n')
 
 
+def space(args) -> str:
+    """SPACE with the learning rate's range from --lr-range."""
+    low, high = args.lr_range
+    return SPACE.replace("lr = { log = [1e-4, 3e-2] }", f"lr = {{ log = [{low:g}, {high:g}] }}")
+
+
 def write_folder(root: Path, count: int, size: int, classes: int, seed: int = 0) -> Path:
     """Colour fields around a hue per class, hues jittered past the neighbouring class's
     (so some images are ambiguous), plus noise."""
@@ -142,7 +148,7 @@ def quality(work: Path, data: Path, args) -> dict:
             out = work / f"q-{method}-{seed}"
             path = write_experiment(work / f"q-{method}-{seed}.toml", data, work / "cache-q",
                                     out, args, f'method = "{method}"\ntrials = 12\n'
-                                    f'sampler_seed = {seed}\n' + SPACE)
+                                    f'sampler_seed = {seed}\n' + space(args))
             keras.backend.clear_session()
             tick = time.perf_counter()
             with StemCounter() as counter:
@@ -170,6 +176,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", default="ab")
+    parser.add_argument("--lr-range", type=float, nargs=2, default=[1e-4, 3e-2],
+                        metavar=("LOW", "HIGH"), help="(b): the searched lr range (log)")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_search-"))
