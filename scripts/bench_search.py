@@ -52,19 +52,33 @@ SPACE = ('lr = { log = [1e-4, 3e-2] }\ndropout = { linear = [0.0, 0.6] }\n'
          'batch_size = { choice = [16, 32, 64] }\n')
 
 
+# (b) with --space wide: the head settings that decide a short training on the cache,
+# each over a range wide enough that its ends hurt (too low a rate under-fits in 1-3
+# epochs, too high a one diverges; heavy dropout or weight decay under-fit)
+WIDE = ('lr = { log = [1e-5, 1.0] }\ndropout = { linear = [0.0, 0.9] }\n'
+        'weight_decay = { log = [1e-6, 1e-1] }\n'
+        'optimizer = { choice = ["adam", "sgd", "adamw"] }\n'
+        'batch_size = { choice = [16, 32, 64, 128] }\n')
+
+
 def space(args) -> str:
-    """SPACE with the learning rate's range from --lr-range."""
+    """SPACE with the learning rate's range from --lr-range, or WIDE (--space wide)."""
+    if args.space == "wide":
+        return WIDE
     low, high = args.lr_range
     return SPACE.replace("lr = { log = [1e-4, 3e-2] }", f"lr = {{ log = [{low:g}, {high:g}] }}")
 
 
-def write_folder(root: Path, count: int, size: int, classes: int, seed: int = 0) -> Path:
-    """Colour fields around a hue per class, hues jittered past the neighbouring class's
-    (so some images are ambiguous), plus noise."""
+def write_folder(root: Path, count: int, size: int, classes: int, seed: int = 0,
+                 jitter: float = 0.6) -> Path:
+    """Colour fields around a hue per class, hues jittered by a normal of standard
+    deviation `jitter` class spacings (0.6: past the neighbouring class's, so many images
+    are ambiguous; 0.25: about 95% of the images are nearer their own class's hue), plus
+    noise."""
     rng = np.random.default_rng(seed)
     for i in range(count):
         label = i % classes
-        hue = label / classes + rng.normal(0, 0.6 / classes)
+        hue = label / classes + rng.normal(0, jitter / classes)
         rgb = np.array(colorsys.hsv_to_rgb(hue % 1.0, 0.6, 0.8)) * 255
         coarse = np.clip(rgb + rng.normal(0, 50, (8, 8, 3)), 0, 255).astype(np.uint8)
         pixels = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
@@ -78,9 +92,10 @@ def write_folder(root: Path, count: int, size: int, classes: int, seed: int = 0)
 def write_experiment(path: Path, data: Path, cache: Path, out: Path, args, search: str) -> Path:
     path.write_text(f'data = "{data}"\ncache_dir = "{cache}"\nout = "{out}"\n'
                     f'backbone = "resnet50"\nweights = "none"\nimage_size = {args.size}\n'
-                    f'epochs = {args.epochs}\nval_fraction = 0.1\n'
+                    f'epochs = {args.epochs}\nval_fraction = {args.val_fraction}\n'
                     + ("" if "batch_size" in search else "batch_size = 32\n") +
-                    f'test_fraction = 0.1\n[search]\n{search}')
+                    ('saved_model = "off"\n' if args.no_export else "") +
+                    f'test_fraction = {args.test_fraction}\n[search]\n{search}')
     return path
 
 
@@ -178,10 +193,19 @@ def main() -> None:
     parser.add_argument("--parts", default="ab")
     parser.add_argument("--lr-range", type=float, nargs=2, default=[1e-4, 3e-2],
                         metavar=("LOW", "HIGH"), help="(b): the searched lr range (log)")
+    parser.add_argument("--space", choices=("base", "wide"), default="base",
+                        help="(b): SPACE (with --lr-range) or WIDE")
+    parser.add_argument("--hue-jitter", type=float, default=0.6,
+                        help="hue noise per image, in class spacings")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--no-export", action="store_true",
+                        help='saved_model = "off" (the best configuration\'s final run)')
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_search-"))
-    data = write_folder(work / "data", args.images, args.size, args.classes)
+    data = write_folder(work / "data", args.images, args.size, args.classes,
+                        jitter=args.hue_jitter)
     report = {"args": vars(args) | {"work": str(work)}, "load_start": os.getloadavg()}
     if "a" in args.parts:
         time_guide(data, argparse.Namespace(**(vars(args) | {"epochs": 1})), 99)  # warm-up

@@ -48,6 +48,10 @@ def read_rows(out: Path) -> list[dict]:
     ('batch_size = { linear = [0, 8] }', "'batch_size' = 0 is not a valid setting"),
     ('lr = { uniform = [0.1, 1] }', "'lr' must be a table with one of log, linear, choice"),
     ('trials = 0\nlr = { log = [1e-3, 1e-1] }', "'trials' must be an integer of at least 1"),
+    ('multivariate = "yes"\nlr = { log = [1e-3, 1e-1] }',
+     "'multivariate' must be true or false. Received: multivariate='yes'"),
+    ('startup_trials = 0\nlr = { log = [1e-3, 1e-1] }',
+     "'startup_trials' must be an integer of at least 1. Received: startup_trials=0"),
     ('method = "random"', "no parameter to search"),
     ('epochs = { choice = [1, 2] }', "epochs is a Config key: set it as a base setting"),
 ])
@@ -225,6 +229,33 @@ def test_interrupted_trials_are_failed_and_their_parameters_queued_again(tmp_pat
     assert [r["state"] for r in rows] == ["complete", "interrupted", "interrupted", "running"]
     assert rows[1]["note"] == "process died; parameters tried again"
     assert rows[2]["note"] == "process died before drawing its values"
+
+
+@pytest.mark.parametrize("table, expected", [
+    ({"trials": 12}, {"n_startup_trials": 4, "multivariate": True}),  # the defaults
+    ({"trials": 12, "startup_trials": 6, "multivariate": False},
+     {"n_startup_trials": 6, "multivariate": False}),
+])
+def test_bayes_search_configures_optunas_tpe_from_the_table(tmp_path, monkeypatch, table,
+                                                            expected):
+    import optuna
+
+    from tlapp.search import space, study as study_lib
+
+    made = []
+    real = optuna.samplers.TPESampler
+
+    def recording(**kwargs):
+        made.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(optuna.samplers, "TPESampler", recording)
+    spec = space.parse_search(table | {"sampler_seed": 3, "lr": {"log": [1e-3, 1e-1]}}, {},
+                              "t")
+    study = study_lib.open_study(spec, tmp_path / "study.db")
+    assert made == [expected | {"seed": 3}] and isinstance(study.sampler, real)
+    # the multivariate default does not change the fingerprint of an earlier study
+    assert ("multivariate" in spec.fingerprint()) is not expected["multivariate"]
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
     [search]
     method = "bayes"                 # random | bayes (Optuna's TPE)
     trials = 20                      # finished trials wanted (pruned ones count)
+    startup_trials = 6               # random trials before TPE (default trials // 3, 2..10)
+    multivariate = true              # TPE models the parameters jointly (default true)
     lr = { log = [1e-4, 1e-1] }      # log-uniform
     dropout = { linear = [0.0, 0.5] }
     optimizer = { choice = ["adam", "adamw", "sgd"] }
@@ -25,7 +27,7 @@ METHODS = ("random", "bayes")
 KINDS = ("log", "linear", "choice")
 SEARCHABLE = ("lr", "dropout", "label_smoothing", "optimizer", "weight_decay", "batch_size",
               "trainable_blocks", "aug_views", "lr_schedule", "warmup_epochs", "fine_tune_lr")
-OPTIONS = ("method", "trials", "prune", "sampler_seed", "startup_trials")
+OPTIONS = ("method", "trials", "prune", "sampler_seed", "startup_trials", "multivariate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +63,14 @@ class SearchSpec:
     sampler_seed: int
     startup_trials: int  # random trials before TPE models the results (and the pruner acts)
     params: tuple[Param, ...]
+    multivariate: bool = True  # TPE models the parameters jointly (Optuna's multivariate TPE)
 
     def fingerprint(self) -> str:
         """What a resumed study compares to notice that the file changed."""
-        return json.dumps(dataclasses.asdict(self) | {"trials": None}, sort_keys=True)
+        values = dataclasses.asdict(self) | {"trials": None}
+        if self.multivariate:  # the default: a study started before the option resumes quietly
+            del values["multivariate"]
+        return json.dumps(values, sort_keys=True)
 
 
 def parse_search(table: Any, base: dict, where: str) -> SearchSpec:
@@ -87,17 +93,22 @@ def parse_search(table: Any, base: dict, where: str) -> SearchSpec:
     trials = _integer(table, "trials", 20, 1, where)
     startup = _integer(table, "startup_trials", max(2, min(10, trials // 3)), 1, where)
     seed = _integer(table, "sampler_seed", int(base.get("seed", 0)), 0, where)
-    prune = table.get("prune", True)
-    if not isinstance(prune, bool):
-        raise UserInputError(f"{where}: 'prune' must be true or false. Received: prune="
-                             f"{prune!r}")
+    prune, multivariate = (_boolean(table, key, where) for key in ("prune", "multivariate"))
     params = tuple(_param(name, value, base, where) for name, value in table.items()
                    if name not in OPTIONS)
     if not params:
         raise UserInputError(f"{where}: no parameter to search. Give ranges such as "
                              f"lr = {{ log = [1e-4, 1e-1] }}; searchable: "
                              f"{', '.join(SEARCHABLE)}.")
-    return SearchSpec(method, trials, prune, seed, startup, params)
+    return SearchSpec(method, trials, prune, seed, startup, params, multivariate)
+
+
+def _boolean(table: dict, key: str, where: str, default: bool = True) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise UserInputError(f"{where}: '{key}' must be true or false. Received: {key}="
+                             f"{value!r}")
+    return value
 
 
 def _integer(table: dict, key: str, default: int, minimum: int, where: str) -> int:
