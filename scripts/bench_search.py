@@ -18,6 +18,9 @@ accuracy is not at the ceiling) and, with resnet50 weights=None, in this one pro
 
     python scripts/bench_search.py [--images 2000] [--size 64] [--epochs 5] [--trials 5]
         [--repeats 3] [--parts ab]
+    # (b) on a fixture where the head settings matter (docs/benchmarks.md, issue 18):
+    python scripts/bench_search.py --parts b --space wide --images 8000 --size 32 \
+        --classes 20 --hue-jitter 0.3 --val-fraction 0.4 --epochs 1 --no-export
 """
 from __future__ import annotations
 
@@ -156,13 +159,16 @@ def time_guide(data: Path, args, r: int) -> float:
 
 
 def quality(work: Path, data: Path, args) -> dict:
-    """12-trial random and Bayesian searches on one cache, 3 seeds each."""
+    """12-trial searches on one cache, 3 seeds each, for each of --methods (random, bayes,
+    and bayes-independent: bayes with multivariate = false)."""
     found = {}
     for seed in range(3):
-        for method in ("random", "bayes"):
+        for method in args.methods:
             out = work / f"q-{method}-{seed}"
+            options = ('method = "bayes"\nmultivariate = false\n'
+                       if method == "bayes-independent" else f'method = "{method}"\n')
             path = write_experiment(work / f"q-{method}-{seed}.toml", data, work / "cache-q",
-                                    out, args, f'method = "{method}"\ntrials = 12\n'
+                                    out, args, f'{options}trials = 12\n'
                                     f'sampler_seed = {seed}\n' + space(args))
             keras.backend.clear_session()
             tick = time.perf_counter()
@@ -174,9 +180,11 @@ def quality(work: Path, data: Path, args) -> dict:
                                 if r["state"] == "complete"),
                 "test_of_best": result.test_accuracy,
                 "pruned": sum(r["state"] == "pruned" for r in rows),
+                "best": result.best,  # the best trial's row: its number and drawn values
+                "val_by_trial": [r["val_accuracy"] for r in rows],
                 "stem_calls": counter.calls, "seconds": time.perf_counter() - tick}
             print(method, seed, json.dumps(found[f"{method}-{seed}"]), flush=True)
-    for method in ("random", "bayes"):
+    for method in args.methods:
         found[f"{method}_mean_best_val"] = statistics.mean(
             found[f"{method}-{s}"]["best_val"] for s in range(3))
     return found
@@ -193,6 +201,9 @@ def main() -> None:
     parser.add_argument("--parts", default="ab")
     parser.add_argument("--lr-range", type=float, nargs=2, default=[1e-4, 3e-2],
                         metavar=("LOW", "HIGH"), help="(b): the searched lr range (log)")
+    parser.add_argument("--methods", type=lambda text: text.split(","),
+                        default=["random", "bayes"],
+                        help="(b): comma-separated: random, bayes, bayes-independent")
     parser.add_argument("--space", choices=("base", "wide"), default="base",
                         help="(b): SPACE (with --lr-range) or WIDE")
     parser.add_argument("--hue-jitter", type=float, default=0.6,
