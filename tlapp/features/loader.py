@@ -75,11 +75,15 @@ class ShardReader:
         order = np.lexsort((rows, shards))
         sorted_shards = shards[order]
         starts = np.flatnonzero(np.r_[True, sorted_shards[1:] != sorted_shards[:-1]])
-        for start, end in zip(starts, np.r_[starts[1:], len(order)]):
+        for start, end in zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist()):
             chosen = order[start:end]
             wanted = rows[chosen]
-            source = self._shard(int(sorted_shards[start]))
-            first, last = int(wanted[0]), int(wanted[-1])
+            index = int(sorted_shards[start])
+            source = self._shard(index)
+            first, last = int(wanted[0]), int(wanted[-1])  # sorted: the least and the most
+            if first < 0 or last >= len(source):  # shorter than its record: replaced since
+                self._fail([self.names[index]], f"holds {len(source)} rows, its record more "
+                                                f"(row {last} was asked for)")
             if last - first + 1 == len(wanted):  # a run of consecutive rows: one slice
                 out[chosen] = source[first:last + 1]
             else:
