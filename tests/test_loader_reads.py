@@ -93,3 +93,14 @@ def test_a_shard_shorter_than_its_record_is_reported_as_damaged(tmp_path):
             loader.gather(np.array([3, 0, 7]))
         assert loader.reader.damage is not None
     assert not shard.exists()
+
+
+def test_rows_per_read_grow_with_the_shards_a_loader_uses():
+    from tlapp.features.loader import read_rows
+
+    pooled = 2048 * 4
+    assert read_rows(pooled, 25) == 512  # 4 MB
+    assert read_rows(pooled, 123) == 16 * 123  # a 1M-row entry: 16 rows of each shard
+    assert read_rows(pooled, 10_000) == 4096  # at most 32 MB
+    assert read_rows(14 * 14 * 1024 * 2, 1000) == 32 * 2**20 // (14 * 14 * 1024 * 2)
+    assert read_rows(10**9, 1) == 1
