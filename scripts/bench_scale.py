@@ -11,8 +11,10 @@ by side, so the ratios are taken under the same machine load. Parts:
            a stand-in stem with the real output shape (pooled: 2048 float32 per row; spatial:
            small rows, 160 rows per shard, so the number of shards is what a 14x14x1024
            float16 entry would have)
-  reads    rows/s of head training's shuffled reads from that pooled entry, against the
-           rate head training consumes rows
+  reads    rows/s of head training's shuffled reads from that pooled entry, batches taken
+           in Python and in a graph (as Keras's train function takes them), and rows per
+           CPU-second (all threads: what machine load distorts least); new and baseline
+           interleaved --repeats times (medians); against the rate head training consumes
   trial    the second trial of an experiment on a folder of N files (cache reused): its
            costs besides training (scan, model, cache, evaluation, export)
   run300   `tlapp train` on 300 256-px JPEGs (resnet50, 224 px, weights none, 10 epochs,
@@ -22,7 +24,7 @@ by side, so the ratios are taken under the same machine load. Parts:
     python scripts/bench_scale.py scan --files 2000 20000 200000 --baseline /work/main
     python scripts/bench_scale.py memory --files 1000000
     python scripts/bench_scale.py growth --rows 1000000 [--baseline ... --baseline-rows 200000]
-    python scripts/bench_scale.py reads --rows 1000000 --baseline /work/main
+    python scripts/bench_scale.py reads --rows 1000000 --baseline /work/main --repeats 3
     python scripts/bench_scale.py trial --files 50000 --baseline /work/main
     python scripts/bench_scale.py run300 --baseline /work/main --repeats 2
 
@@ -100,10 +102,13 @@ def worker_growth(images: str, cache: str, rows: int, kind: str) -> dict:
 
 
 def worker_reads(cache: str, kind_key: str, rows: int, epochs: int) -> dict:
-    """Rows/s of one epoch of shuffled streaming reads (what head training does)."""
+    """Rows/s of `epochs` epochs of shuffled streaming reads (what head training does),
+    twice: batches taken one by one in Python (`rows_per_s`), and taken inside a graph as
+    Keras's train function takes them (`graph_rows_per_s`: the next epochs, same seed)."""
     import hashlib
 
     import numpy as np
+    import tensorflow as tf
 
     from tlapp.data import datasets
     from tlapp.features import cache as cache_lib
@@ -117,10 +122,17 @@ def worker_reads(cache: str, kind_key: str, rows: int, epochs: int) -> dict:
     open_s = time.perf_counter() - tick
     batches = iter(datasets.shuffled_batches(rows, 32, 0, 0, epochs, loader))
     next(batches)
-    tick = time.perf_counter()
+    tick, cpu = time.perf_counter(), time.process_time()  # CPU: all threads, load-proof
     count = sum(int(x.shape[0]) for x, _ in batches)
-    return {"rows_per_s": count / (time.perf_counter() - tick), "open_s": open_s,
-            "rss_peak_kb": _rss_kb()}
+    python_s, python_cpu = time.perf_counter() - tick, time.process_time() - cpu
+    graph = datasets.shuffled_batches(rows, 32, 0, epochs, 2 * epochs, loader)
+    tick, cpu = time.perf_counter(), time.process_time()
+    graph_count = int(graph.reduce(tf.constant(0, tf.int64),
+                                   lambda n, batch: n + tf.shape(batch[0], tf.int64)[0]))
+    return {"rows_per_s": count / python_s, "rows_per_cpu_s": count / python_cpu,
+            "graph_rows_per_s": graph_count / (time.perf_counter() - tick),
+            "graph_rows_per_cpu_s": graph_count / (time.process_time() - cpu),
+            "open_s": open_s, "rss_peak_kb": _rss_kb()}
 
 
 def worker_consume(steps: int) -> dict:
@@ -287,9 +299,7 @@ def part_reads(args, work: Path) -> dict:
                          f"--keep-entry --work {work}' first")
     (entry,) = found
     key = json.dumps(entry["key"])
-    out = {"new": child("reads", cache, key, args.rows, args.read_epochs)}
-    print(f"reads new: {out['new']['rows_per_s']:,.0f} rows/s (opening the entry "
-          f"{out['new']['open_s']:.1f} s); {load()}", flush=True)
+    old = None
     if args.baseline:  # the old code reads a manifest: write one beside hard links
         old = work / "growth-old-layout"
         shutil.rmtree(old, ignore_errors=True)
@@ -301,16 +311,33 @@ def part_reads(args, work: Path) -> dict:
         manifest = entries.read_manifest(source) | {"created": 0, "last_used": 0}
         (target / "manifest.json").write_text(json.dumps(manifest))
         del manifest
-        out["old"] = child("reads", old, key, args.rows, args.read_epochs,
-                           code=Path(args.baseline))
-        print(f"reads old: {out['old']['rows_per_s']:,.0f} rows/s (opening the entry "
-              f"{out['old']['open_s']:.1f} s); {load()}", flush=True)
+    runs = {"new": [], "old": []}
+    for _ in range(args.repeats):  # interleaved: both codes see the same load
+        for name, folder, code in (("new", cache, HERE), ("old", old, args.baseline)):
+            if folder is None:
+                continue
+            result = child("reads", folder, key, args.rows, args.read_epochs, code=Path(code))
+            runs[name].append(result)
+            print(f"reads {name}: taken in Python {result['rows_per_s']:,.0f} rows/s "
+                  f"({result['rows_per_cpu_s']:,.0f} per CPU-s), in a graph "
+                  f"{result['graph_rows_per_s']:,.0f} rows/s ({result['graph_rows_per_cpu_s']:,.0f}"
+                  f" per CPU-s); opening the entry {result['open_s']:.1f} s; {load()}",
+                  flush=True)
+    if old is not None:
         shutil.rmtree(old)
+    measures = {"rows_per_s": "rows/s taken in Python",
+                "rows_per_cpu_s": "rows per CPU-second taken in Python",
+                "graph_rows_per_s": "rows/s taken in a graph",
+                "graph_rows_per_cpu_s": "rows per CPU-second taken in a graph"}
+    out = {name: {m: statistics.median(r[m] for r in results) for m in [*measures, "open_s"]}
+           | {"runs": results} for name, results in runs.items() if results}
     out["consume"] = child("consume", 300)
     print(f"head training consumes {out['consume']['rows_per_s']:,.0f} rows/s", flush=True)
     if "old" in out:
-        print(f"reads: new / old {out['new']['rows_per_s'] / out['old']['rows_per_s']:.1f}x",
-              flush=True)
+        for measure, label in measures.items():
+            print(f"{label}: new {out['new'][measure]:,.0f} / old {out['old'][measure]:,.0f} "
+                  f"= {out['new'][measure] / out['old'][measure]:.1f}x (medians of "
+                  f"{args.repeats})", flush=True)
     return out
 
 

@@ -22,8 +22,10 @@ from tlapp.data.datasets import targets
 from tlapp.features.cache import DamagedCacheError, FeatureCache
 from tlapp.progress import Progress
 
-READ_BYTES = 4 * 2**20  # rows per call: about this many bytes (at least one batch)
-MAX_READ_ROWS = 1024
+READ_BYTES = 4 * 2**20  # rows per call: about this many bytes (at least one batch),
+MAX_READ_BYTES = 32 * 2**20  # or more when the rows are spread over many shards:
+ROWS_PER_SHARD = 16  # about this many rows of each shard per call (a call costs per shard)
+MAX_READ_ROWS = 4096
 OPEN_SHARDS = 128  # memory maps kept open (each holds a file descriptor)
 
 
@@ -64,6 +66,8 @@ class ShardReader:
             if rows.dtype != self.dtype or rows.shape[1:] != self.shape:
                 self._fail([self.names[index]], f"holds {rows.dtype} {rows.shape[1:]} rows, "
                                                 f"expected {self.dtype} {self.shape}")
+            # a plain view: numpy's memmap class costs per indexing; the view keeps the map
+            rows = rows.view(np.ndarray)  # open as long as it lives
             self._open[index] = rows
             if len(self._open) > OPEN_SHARDS:
                 self._open.popitem(last=False)  # the map and its descriptor go with it
@@ -75,11 +79,15 @@ class ShardReader:
         order = np.lexsort((rows, shards))
         sorted_shards = shards[order]
         starts = np.flatnonzero(np.r_[True, sorted_shards[1:] != sorted_shards[:-1]])
-        for start, end in zip(starts, np.r_[starts[1:], len(order)]):
+        for start, end in zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist()):
             chosen = order[start:end]
             wanted = rows[chosen]
-            source = self._shard(int(sorted_shards[start]))
-            first, last = int(wanted[0]), int(wanted[-1])
+            index = int(sorted_shards[start])
+            source = self._shard(index)
+            first, last = int(wanted[0]), int(wanted[-1])  # sorted: the least and the most
+            if first < 0 or last >= len(source):  # shorter than its record: replaced since
+                self._fail([self.names[index]], f"holds {len(source)} rows, its record more "
+                                                f"(row {last} was asked for)")
             if last - first + 1 == len(wanted):  # a run of consecutive rows: one slice
                 out[chosen] = source[first:last + 1]
             else:
@@ -107,6 +115,15 @@ class ShardReader:
             self._open.clear()
 
 
+def read_rows(row_bytes: int, shards: int) -> int:
+    """Rows a read call should ask for: about READ_BYTES (cache-sized buffers copy
+    fastest), or ROWS_PER_SHARD per shard used when that is more (random rows of many
+    shards: the cost per shard of a call is then amortised), within MAX_READ_BYTES."""
+    row_bytes = max(1, row_bytes)
+    wanted = max(READ_BYTES // row_bytes, ROWS_PER_SHARD * shards)
+    return int(np.clip(min(wanted, MAX_READ_BYTES // row_bytes), 1, MAX_READ_ROWS))
+
+
 class FeatureLoader:
     """A batch loader over cached rows for `datasets.shuffled_batches` / `ordered_batches`.
 
@@ -123,8 +140,8 @@ class FeatureLoader:
         self.shape, self.dtype, self.views = cache.feature_shape, cache.dtype, cache.views
         self.reader = ShardReader(cache.dir, cache.dtype, cache.shard_names, self.shape,
                                   cache.drop_shards)
-        row_bytes = max(1, int(np.prod(self.shape)) * self.dtype.itemsize)
-        self.read_rows = int(np.clip(READ_BYTES // row_bytes, 1, MAX_READ_ROWS))
+        self.read_rows = read_rows(int(np.prod(self.shape)) * self.dtype.itemsize,
+                                   int(np.count_nonzero(np.bincount(self.shards.ravel()))))
         self.labels = tf.constant(labels)
         self.num_classes = num_classes
 

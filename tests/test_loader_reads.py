@@ -1,0 +1,106 @@
+"""Issue 14, item 3: the batched reads of head training give exactly the rows, in exactly
+the order, that reading one row at a time gives: across shards, in the shuffled order of
+every epoch, resumed mid-run, with augmented views; and damage is still reported."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.test_cache_index import digest, features_of, fill, key
+from tlapp.data import datasets
+from tlapp.features import cache as cache_lib
+from tlapp.features.loader import FeatureLoader
+
+ROWS = 30  # 8 shards of 4 rows (the last of 2): every read window spans several shards
+
+
+def per_row(feature_cache, digests, views):
+    """The rows of (digests[i], views[i]) read one at a time straight from the .npy files:
+    the reference the batched reads must equal."""
+    shards, rows = feature_cache.locate(digests)
+    return np.stack([np.load(feature_cache.dir / feature_cache.shard_names[shards[i, v]],
+                             mmap_mode="r")[rows[i, v]]
+                     for i, v in enumerate(views)])
+
+
+def epoch_order(n, seed, epoch):
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), seed=tf.constant([seed, epoch], tf.int64)).numpy()
+
+
+def read_batches(loader, n, batch_size, seed, first_epoch, epochs):
+    dataset = datasets.shuffled_batches(n, batch_size, seed, first_epoch, epochs, loader)
+    return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+
+def test_shuffled_batches_are_the_per_row_reads_in_the_shuffled_order(tmp_path):
+    feature_cache = cache_lib.FeatureCache(tmp_path, key())
+    digests = fill(feature_cache, 0, ROWS)
+    labels = np.arange(ROWS, dtype=np.int32) % 3
+    with FeatureLoader(feature_cache, digests, labels, 3) as loader:
+        loader.read_rows = 12  # three batches of 4 per read: windows cross shards
+        assert datasets.batches_per_call(loader, 4) == 3
+        batches = read_batches(loader, ROWS, 4, 7, 0, 2)
+        assert [len(x) for x, _ in batches] == [4] * 7 + [2] + [4] * 7 + [2]
+        rows = np.concatenate([x for x, _ in batches])
+        targets = np.concatenate([y for _, y in batches])
+        order = np.concatenate([epoch_order(ROWS, 7, e) for e in (0, 1)])
+        np.testing.assert_array_equal(rows, per_row(feature_cache, [digests[i] for i in order],
+                                                    np.zeros(len(order), int)))
+        np.testing.assert_array_equal(rows, features_of([digests[i] for i in order]))
+        np.testing.assert_array_equal(targets.argmax(axis=1), labels[order])
+        # resumed at epoch 1: the same batches as the second epoch of the whole run
+        resumed = read_batches(loader, ROWS, 4, 7, 1, 2)
+        np.testing.assert_array_equal(np.concatenate([x for x, _ in resumed]), rows[ROWS:])
+        # one read per batch gives the same batches (only the number of reads differs)
+        loader.read_rows = 0
+        single = read_batches(loader, ROWS, 4, 7, 0, 2)
+        np.testing.assert_array_equal(np.concatenate([x for x, _ in single]), rows)
+        # ordered batches (validation): rows 0..n-1 as stored
+        loader.read_rows = 12
+        ordered = np.concatenate([x for x, _ in datasets.ordered_batches(loader, ROWS, 4)])
+        np.testing.assert_array_equal(ordered, features_of(digests))
+
+
+def test_batched_reads_of_augmented_views_are_the_per_row_reads(tmp_path):
+    feature_cache = cache_lib.FeatureCache(tmp_path, key(views=3))
+    digests = [digest(i) for i in range(ROWS)]
+    for start in range(0, ROWS, 4):  # each shard holds rows of several views
+        chunk = digests[start:start + 4]
+        feature_cache.write_shard([cache_lib.row_key(d, v) for v in range(3) for d in chunk],
+                                  np.concatenate([features_of(chunk, v) for v in range(3)]))
+    with FeatureLoader(feature_cache, digests, np.zeros(ROWS, np.int32), 2) as loader:
+        idx = np.concatenate([epoch_order(ROWS, 3, 0), [5, 5, 0]])  # duplicates too
+        for epoch in range(4):
+            rows, _ = loader(tf.constant(idx), epoch)
+            views = (idx * 2654435761 % 4294967296 + epoch) % 3
+            expected = per_row(feature_cache, [digests[i] for i in idx], views)
+            np.testing.assert_array_equal(rows.numpy(), expected)
+            np.testing.assert_array_equal(expected, np.stack(
+                [features_of([digests[i]], v)[0] for i, v in zip(idx, views)]))
+        assert len(set(((idx * 2654435761 % 4294967296) % 3).tolist())) == 3  # all views read
+
+
+def test_a_shard_shorter_than_its_record_is_reported_as_damaged(tmp_path):
+    """Regression: a shard file replaced by a shorter array after the entry was opened made
+    the read fail with numpy's IndexError inside tf.data (or, for a run of consecutive
+    rows, a shape error), not the cache's message; the shard is now removed and named."""
+    feature_cache = cache_lib.FeatureCache(tmp_path, key())
+    digests = fill(feature_cache, 0, 8)
+    with FeatureLoader(feature_cache, digests, np.zeros(8, np.int32), 2) as loader:
+        shard = feature_cache.dir / feature_cache.shard_names[loader.shards[3, 0]]
+        np.save(shard, features_of(digests[:2]))  # was 4 rows; row 3 is asked for below
+        with pytest.raises(cache_lib.DamagedCacheError, match=rf"{shard.name} \(holds 2 rows"):
+            loader.gather(np.array([3, 0, 7]))
+        assert loader.reader.damage is not None
+    assert not shard.exists()
+
+
+def test_rows_per_read_grow_with_the_shards_a_loader_uses():
+    from tlapp.features.loader import read_rows
+
+    pooled = 2048 * 4
+    assert read_rows(pooled, 25) == 512  # 4 MB
+    assert read_rows(pooled, 123) == 16 * 123  # a 1M-row entry: 16 rows of each shard
+    assert read_rows(pooled, 10_000) == 4096  # at most 32 MB
+    assert read_rows(14 * 14 * 1024 * 2, 1000) == 32 * 2**20 // (14 * 14 * 1024 * 2)
+    assert read_rows(10**9, 1) == 1
