@@ -145,6 +145,13 @@ WORKERS = {"scan": worker_scan, "growth": worker_growth, "reads": worker_reads,
            "consume": worker_consume}
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far: less sensitive
+    to the machine's load than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -333,10 +340,10 @@ def part_trial(args, work: Path) -> dict:
                 f'out = "{run / "out"}"\n[sweep]\nlr = [0.001, 0.01]\n')
             env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3",
                        PYTHONSAFEPATH="1")  # -m must not import the tlapp in the cwd
-            tick = time.perf_counter()
+            tick, cpu = time.perf_counter(), _children_cpu()
             subprocess.run([sys.executable, "-m", "tlapp", "-q", "experiment", str(experiment)],
                            env=env, check=True, capture_output=True, timeout=7200)
-            wall = time.perf_counter() - tick
+            wall, cpu = time.perf_counter() - tick, _children_cpu() - cpu
             first, second = (run / "out" / n / "metrics.json" for n in ("lr=0.001", "lr=0.01"))
             timings = json.loads(second.read_text())["timings"]
             fixed = timings["total_s"] - timings.get("train_s", 0)
@@ -344,18 +351,20 @@ def part_trial(args, work: Path) -> dict:
             # run's metrics.json to the second's (the first run's model card and rename, the
             # results tables after it, the second run with its report.html).
             span = second.stat().st_mtime - first.stat().st_mtime
-            row = {"wall_s": wall, "timings": timings, "besides_training_s": fixed,
+            row = {"wall_s": wall, "cpu_s": cpu, "timings": timings, "besides_training_s": fixed,
                    "span_besides_training_s": span - timings.get("train_s", 0)}
             out.setdefault(name, []).append(row)
             print(f"trial {name:8s} #{r}: second trial {timings}; besides training {fixed:.2f} "
                   f"s (metrics.json), {row['span_besides_training_s']:.2f} s (between the two "
-                  f"runs' metrics.json); experiment wall {wall:.1f} s; {load()}", flush=True)
+                  f"runs' metrics.json); experiment wall {wall:.1f} s, CPU {cpu:.1f} s; "
+                  f"{load()}", flush=True)
             shutil.rmtree(run)
     for name, rows in out.items():
         print(f"trial {name}: medians: besides training "
               f"{statistics.median(x['besides_training_s'] for x in rows):.2f} s, between "
               f"metrics.json {statistics.median(x['span_besides_training_s'] for x in rows):.2f}"
-              f" s, experiment wall {statistics.median(x['wall_s'] for x in rows):.1f} s",
+              f" s, experiment wall {statistics.median(x['wall_s'] for x in rows):.1f} s, CPU "
+              f"{statistics.median(x['cpu_s'] for x in rows):.1f} s",
               flush=True)
     if not args.keep:
         shutil.rmtree(work / "trial-cache", ignore_errors=True)
@@ -396,20 +405,23 @@ def part_run300(args, work: Path) -> dict:
             run, cache = work / f"run300-{name}-{r}", work / f"run300-cache-{name}-{r}"
             env = dict(os.environ, PYTHONPATH=str(code), TF_CPP_MIN_LOG_LEVEL="3",
                    PYTHONSAFEPATH="1")  # -m must not import the tlapp in the cwd
-            tick = time.perf_counter()
+            tick, cpu = time.perf_counter(), _children_cpu()
             subprocess.run([sys.executable, "-m", "tlapp", "-q", "train", str(data),
                             "--backbone", "resnet50", "--weights", "none", "--epochs", "10",
                             "--cache-dir", str(cache), "--out", str(run)],
                            env=env, check=True, capture_output=True, timeout=3600)
-            wall = time.perf_counter() - tick
+            wall, cpu = time.perf_counter() - tick, _children_cpu() - cpu
             timings = json.loads((run / "metrics.json").read_text())["timings"]
-            row = {"wall_s": wall, **timings,
+            row = {"wall_s": wall, "cpu_s": cpu, **timings,
                    "besides_s": wall - timings["extract_s"] - timings["train_s"]}
             raw.setdefault(name, []).append(row)
-            print(f"run300 {name:8s} #{r}: wall {wall:.1f} s, {timings}, besides extraction "
-                  f"and training {row['besides_s']:.1f} s; {load()}", flush=True)
+            print(f"run300 {name:8s} #{r}: wall {wall:.1f} s (CPU {cpu:.1f} s), {timings}, "
+                  f"besides extraction and training {row['besides_s']:.1f} s; {load()}",
+                  flush=True)
             shutil.rmtree(run)
             shutil.rmtree(cache)
+        if args.skip_guide:
+            continue
         guide_out = work / f"guide-{r}"
         guide_out.mkdir()
         tick = time.perf_counter()
@@ -423,7 +435,7 @@ def part_run300(args, work: Path) -> dict:
     medians = {name: {k: statistics.median(row[k] for row in rows) for k in rows[0]}
                for name, rows in raw.items()}
     for name in medians:
-        if name != "guide":
+        if name != "guide" and "guide" in medians:
             print(f"run300 {name}: guide wall / tlapp wall "
                   f"{medians['guide']['wall_s'] / medians[name]['wall_s']:.2f}; besides "
                   f"extraction and training {medians[name]['besides_s']:.1f} s")
@@ -457,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline", help="a checkout of tlapp to compare with")
     parser.add_argument("--work", help="folder for the generated data (kept)")
     parser.add_argument("--keep", action="store_true", help="keep generated folders")
+    parser.add_argument("--skip-guide", action="store_true",
+                        help="run300: tlapp only, not the Keras guide's recipe")
     parser.add_argument("--share-cache", action="store_true",
                         help="trial: one cache folder for both codes (same cache format)")
     parser.add_argument("--keep-entry", action="store_true",
