@@ -341,3 +341,35 @@ def test_a_full_disk_anywhere_is_exit_2_not_a_traceback(tmp_path, capsys, monkey
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     code, _, err = run_cli(capsys, "cache", "list", "--cache-dir", tmp_path)
     assert code == 2 and "the disk is full" in err and "Traceback" not in err
+
+
+def test_optional_imports_are_skipped_only_inside_the_block(tmp_path, monkeypatch):
+    """Issue 14: while TensorFlow starts, Keras's optional imports find nothing (as if not
+    installed); afterwards the same modules import as usual."""
+    from tlapp.cli.startup import optional_imports_skipped
+
+    (tmp_path / "tlapp_optional_probe.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tlapp_optional_probe", raising=False)
+    with optional_imports_skipped(("tlapp_optional_probe",)):
+        with pytest.raises(ImportError):
+            import tlapp_optional_probe  # noqa: F401
+    import tlapp_optional_probe
+
+    assert tlapp_optional_probe.VALUE == 1
+    monkeypatch.delitem(sys.modules, "tlapp_optional_probe")
+
+
+@pytest.mark.slow
+def test_tensorflow_starts_without_keras_optional_imports():
+    """Issue 14: the CLI's start of TensorFlow does not import scikit-learn, pandas or pyplot
+    (a second or more of every command); they still import afterwards."""
+    code = ("import sys\nfrom tlapp.cli.startup import SKIPPED_AT_START, start_tensorflow\n"
+            "start_tensorflow(False)\nimport keras\n"
+            "print(sorted(n for n in SKIPPED_AT_START if n in sys.modules))\n"
+            "import importlib, importlib.util\n"  # those installed import afterwards
+            "[importlib.import_module(n) for n in SKIPPED_AT_START\n"
+            " if importlib.util.find_spec(n.split('.')[0])]\nprint('imported')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "imported"]

@@ -181,3 +181,57 @@ def test_experiment_report_links_each_run_and_escapes_nothing_into_script(experi
     assert "lr=0.0" not in script and "broken" not in script  # no run text in the script
     parser = html.parser.HTMLParser()
     parser.feed(page)  # well-formed enough to parse
+
+
+def test_kept_backbones_come_back_with_their_initial_weights_and_are_bounded():
+    """Issue 14: `pipeline.Backbones` hands a kept backbone out as just built, and keeps at
+    most `limit` of them."""
+    import keras
+    import numpy as np
+
+    from tlapp.pipeline import Backbones
+
+    def tiny():
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, keras.layers.Dense(2)(inputs))
+
+    kept = Backbones(limit=1)
+    first, second = tiny(), tiny()
+    kept.keep(("a",), first)
+    initial = [w.copy() for w in first.get_weights()]
+    first.set_weights([w + 1 for w in initial])  # what a run's fine-tuning would do
+    assert kept.get(("a",)) is first
+    for got, want in zip(first.get_weights(), initial):
+        np.testing.assert_array_equal(got, want)
+    kept.keep(("b",), second)
+    assert kept.get(("a",)) is None and kept.get(("b",)) is second
+
+
+@pytest.mark.slow
+def test_runs_of_an_experiment_build_a_shared_backbone_once(tmp_path, monkeypatch):
+    """Issue 14: consecutive runs on one backbone build it once; a run on the kept backbone
+    (after a run that fine-tuned it) trains exactly as a run on a new one."""
+    import tlapp
+    from tlapp.backbones import registry
+
+    data = make_folder(tmp_path / "data", per_class=4)
+    common = dict(data=str(data), backbone="mobilenet_v2", weights="none", image_size=32,
+                  epochs=2, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    path = tmp_path / "exp.toml"
+    path.write_text("".join(f'{k} = {json.dumps(v)}\n' for k, v in common.items())
+                    + f'out = "{tmp_path / "out"}"\n'
+                    '[[runs]]\nname = "tuned"\nfine_tune_epochs = 1\n[[runs]]\nname = "head"\n')
+    built = []
+    real = registry.build_backbone
+    monkeypatch.setattr(registry, "build_backbone",
+                        lambda spec, *args, **kw: built.append(spec.name) or real(spec, *args,
+                                                                                 **kw))
+    assert cli.main(["experiment", str(path)]) == 0
+    assert built == ["mobilenet_v2"]
+    kept = json.loads((tmp_path / "out" / "head" / "metrics.json").read_text())
+    fresh = tlapp.train(**common, out=str(tmp_path / "fresh"), saved_model="off").metrics
+    assert built == ["mobilenet_v2"] * 2
+    assert kept["val_accuracy"] == fresh["val_accuracy"]
+    assert kept["final_epoch"]["loss"] == pytest.approx(fresh["final_epoch"]["loss"], rel=1e-5)
+    assert kept["final_epoch"]["val_loss"] == pytest.approx(fresh["final_epoch"]["val_loss"],
+                                                            rel=1e-5)

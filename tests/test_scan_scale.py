@@ -132,7 +132,7 @@ def test_runs_of_an_experiment_share_one_scan(tmp_path, monkeypatch):
     assert other is not first and len(calls) == 2
     seen = []
     monkeypatch.setattr(experiments.pipeline, "run",
-                        lambda config, scans=None: seen.append(scans) or 1 / 0)
+                        lambda config, scans=None, backbones=None: seen.append(scans) or 1 / 0)
     path = tmp_path / "exp.toml"
     path.write_text(f'data = "{data}"\nweights = "none"\n[sweep]\nlr = [0.01, 0.1, 0.2]\n')
     experiments.run_experiment(path, out=tmp_path / "out")

@@ -185,6 +185,8 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
     result = ExperimentResult(out, keys, [])
     log.info("experiment: %d runs in %s, feature cache %s", len(planned), out, cache_dir)
     scans: dict = {}  # one scan per data folder and split settings, shared by its runs
+    # consecutive runs on one backbone build it once (the last one is kept: bounded memory)
+    backbones = pipeline.Backbones(limit=1)
     with tracking.maybe_run(base.get("track") == "mlflow", out.name,  # runs log as children
                             run_id_file=out / "mlflow_run_id.txt",
                             tags={"tlapp.kind": "experiment"}) as tracker:
@@ -206,7 +208,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
                                 "otherwise", run.name, changed)
             else:
                 log.info("experiment: run %d/%d %s", number, len(planned), run.name)
-                row |= _train(run, folder, cache_dir, result, scans)
+                row |= _train(run, folder, cache_dir, result, scans, backbones)
             result.rows.append(row)
             write_results(result)
         plot_results(result.rows, out / "plots" / "results.png")
@@ -221,7 +223,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None) -> Experimen
 
 
 def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentResult,
-           scans: dict) -> dict:
+           scans: dict, backbones: "pipeline.Backbones") -> dict:
     keras.backend.clear_session()  # free the previous run's graphs; stable layer names
     errors = folder.parent / "errors" / f"{run.name}.txt"
     try:
@@ -231,7 +233,7 @@ def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentRes
             {"saved_model": "off"} | run.values | {"out": str(folder),
                                                     "cache_dir": str(cache_dir)},
             f"run {run.name}")
-        finished = pipeline.run(config, scans=scans)
+        finished = pipeline.run(config, scans=scans, backbones=backbones)
     except Exception as e:  # recorded, and the other runs go on
         message = f"{type(e).__name__}: {e}"
         if isinstance(e, UserInputError):

@@ -22,7 +22,7 @@ from tlapp.inference.report import write_report
 from tlapp.inference.runs import Run
 from tlapp.reporting import tracking
 from tlapp.pipeline import folder, rates, stages
-from tlapp.pipeline.plan import Splits, precision_policy, resolve_plan, scan_data
+from tlapp.pipeline.plan import Backbones, Splits, precision_policy, resolve_plan, scan_data
 from tlapp.training import distribute
 from tlapp.training.checkpoint import Checkpoint
 from tlapp.training.lr_find import MAX_LR, MIN_LR, STEPS, RangeTest
@@ -77,12 +77,15 @@ def resume_config(out: str | Path) -> Config:
     return config_lib.from_dict(config_lib.load_toml(config_file), str(config_file))
 
 
-def run(config: Config, resume: bool = False, scans: dict | None = None) -> Run:
+def run(config: Config, resume: bool = False, scans: dict | None = None,
+        backbones: Backbones | None = None) -> Run:
     """Runs the whole pipeline for one config and returns the finished run.
 
     With resume=True, continues the interrupted run in `.OUT.partial/` from its last
     checkpoint (see `resume_config`). `scans`: scans shared by several runs (an experiment
-    passes the same dict to each): the folder is scanned once per split setting. With
+    passes the same dict to each): the folder is scanned once per split setting.
+    `backbones`: backbones kept between runs (an experiment passes the same `Backbones`
+    to each): a run on one device reuses one built for the same backbone. With
     config.track == "mlflow" the run is logged to MLflow (`tlapp.reporting.tracking`).
     """
     layout = distribute.make_layout(config)  # first: multi-worker precedes any TensorFlow op
@@ -93,14 +96,15 @@ def run(config: Config, resume: bool = False, scans: dict | None = None) -> Run:
         tracking.import_mlflow()  # missing: say so before any folder is made
     if not layout.is_chief:  # a worker writes nothing of the run folder: no lock, no tracking
         return _run(config, spec, out, folder.worker_dir(out, resume), None, scans, layout,
-                    resume)
+                    resume, None)
     folder.check_out(out)
     with folder.run_lock(out):
         try:
             temp = folder.prepare_out(out, resume)
             with tracking.maybe_run(config.track == "mlflow", out.name,
                                     run_id_file=temp / "mlflow_run_id.txt") as tracker:
-                finished = _run(config, spec, out, temp, tracker, scans, layout, resume)
+                finished = _run(config, spec, out, temp, tracker, scans, layout, resume,
+                                backbones)
                 if tracker:
                     tracker.log_params(tracking.params_of(finished.config.to_dict()))
                     tracker.log_metrics(finished.metrics)
@@ -116,7 +120,7 @@ def run(config: Config, resume: bool = False, scans: dict | None = None) -> Run:
 
 
 def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | None,
-         layout: distribute.Layout, resume: bool) -> Run:
+         layout: distribute.Layout, resume: bool, backbones: Backbones | None) -> Run:
     start = time.perf_counter()
     if resume:
         distribute.check_resume_layout(temp, layout)
@@ -127,7 +131,13 @@ def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | Non
             layout.scope():
         if not layout.is_chief:
             closing.callback(folder.discard_worker_dir, temp)
-        plan = resolve_plan(config, spec, scanned, cache_dir, out, layout)
+        # A kept backbone only on one device: a strategy's variables belong to its scope.
+        kept = backbones is not None and layout.name == "one" and not resume
+        key = Backbones.key(config, spec)
+        plan = resolve_plan(config, spec, scanned, cache_dir, out, layout,
+                            base=backbones.get(key) if kept else None)
+        if kept:
+            backbones.keep(key, plan.base)
         models = stages.build_models(plan)
         distribute.synchronize_batchnorm(models.full, layout)
         folder.write_run_files(temp, plan, scanned)

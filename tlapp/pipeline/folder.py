@@ -1,6 +1,7 @@
 """The run folder: written as `.OUT.partial/` while the run lasts, renamed to OUT when complete."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -127,7 +128,27 @@ def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: 
                  checkpoint: Checkpoint, results: dict, probabilities: dict,
                  saved_model: bool = True) -> None:
     """history.csv, plots, evaluation reports, model.keras and (unless saved_model=False)
-    the SavedModel, which `tlapp export RUN` can write later from model.keras."""
+    the SavedModel, which `tlapp export RUN` can write later from model.keras.
+
+    The SavedModel is traced and written in a thread while the rest is written (its
+    tracing and serialisation are the longest part: seconds for a ResNet-50); it is
+    finished, or its error raised, before this returns."""
+    thresholds, reject = results.get("thresholds"), results.get("reject")
+    with concurrent.futures.ThreadPoolExecutor(1, "tlapp-export") as pool:
+        export = pool.submit(
+            export_saved_model, models.full, scanned.classes, temp / "saved_model",
+            thresholds=thresholds, reject_below=reject["reject_below"] if reject else None
+        ) if saved_model else None
+        _save_files(temp, models, scanned, splits, checkpoint, results, probabilities)
+        if export is not None:
+            export.result()  # its error, if any, is the run's
+    shutil.rmtree(temp / "checkpoints", ignore_errors=True)  # the run is complete
+    (temp / distribute.LAYOUT_FILE).unlink(missing_ok=True)  # in metrics.json from now on
+
+
+def _save_files(temp: Path, models: head.Models, scanned: ScannedData, splits: Splits,
+                checkpoint: Checkpoint, results: dict, probabilities: dict) -> None:
+    """Everything of `save_outputs` but the SavedModel."""
     history = checkpoint.state["history"]
     fit.write_history(temp / "history.csv", history)
     plot_history(history, temp / "plots" / "training_curves.png")
@@ -147,12 +168,6 @@ def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: 
             "reject_below": reject["reject_below"], "chosen": reject["chosen"],
             "keep": reject["keep"]})
     models.full.save(temp / "model.keras")
-    if saved_model:
-        export_saved_model(models.full, scanned.classes, temp / "saved_model",
-                           thresholds=thresholds,
-                           reject_below=reject["reject_below"] if reject else None)
-    shutil.rmtree(temp / "checkpoints", ignore_errors=True)  # the run is complete
-    (temp / distribute.LAYOUT_FILE).unlink(missing_ok=True)  # in metrics.json from now on
 
 
 def write_decision_plots(temp: Path, report: dict | None, reject: dict | None,

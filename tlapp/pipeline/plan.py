@@ -101,6 +101,43 @@ def scan_data(config: Config, cache_dir: Path, scans: dict | None = None) -> Sca
     return scanned
 
 
+class Backbones:
+    """Backbones kept between the runs of one process that build the same one (the runs of
+    an experiment, the trials of a search), so that each is built once: building one costs
+    as much as a trial's other fixed costs together. A kept backbone is handed out with its
+    initial weights restored (every run freezes and unfreezes its layers itself), so a run
+    on it trains exactly as on a new one. `limit`: how many are kept (the oldest goes)."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+        self._kept: dict[tuple, tuple[keras.Model, list]] = {}
+
+    @staticmethod
+    def key(config: Config, spec: BackboneSpec) -> tuple:
+        """What `registry.build_backbone` builds from (and the dtype policy it builds in)."""
+        return (spec.name, config.backbone, config.preprocess, config.weights,
+                config.image_size or spec.default_size, config.seed, config.mixed_precision)
+
+    def get(self, key: tuple) -> keras.Model | None:
+        """The kept backbone of `key` with its initial weights, or None."""
+        kept = self._kept.get(key)
+        if kept is None:
+            return None
+        base, weights = kept
+        base.set_weights(weights)  # undo what the last run trained (fine-tuning, BN stats)
+        return base
+
+    def keep(self, key: tuple, base: keras.Model) -> None:
+        """Keeps `base` as just built (call before training it)."""
+        if key not in self._kept:
+            self._kept[key] = (base, base.get_weights())
+            while self.limit is not None and len(self._kept) > self.limit:
+                del self._kept[next(iter(self._kept))]
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
 @contextlib.contextmanager
 def precision_policy(mixed: bool):
     """mixed_float16 compute for the block when `mixed`; the previous policy afterwards."""

@@ -18,15 +18,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import keras
-
 from tlapp import config as config_lib
 from tlapp.augment.ops import cached_pca
 from tlapp.backbones import registry
 from tlapp.config import Config
 from tlapp.errors import UserInputError
 from tlapp.pipeline import rates, stages
-from tlapp.pipeline.plan import Splits, resolve_plan, scan_data
+from tlapp.pipeline.plan import Backbones, Splits, resolve_plan, scan_data
 from tlapp.training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -49,8 +47,6 @@ class Outcome:
 
 @dataclasses.dataclass
 class _Stem:
-    base: keras.Model
-    weights: list  # the backbone's initial weights, restored before every trial
     loaders: dict | None  # FeatureLoader per split (None: stage 1 trains on images)
     stats: dict
 
@@ -75,6 +71,7 @@ class TrialRunner:
                               self.splits.digests["train"],
                               base.image_size or self.spec.default_size, self.cache_dir)
         self._stems: dict[tuple, _Stem] = {}
+        self._backbones = Backbones()  # one per stem: its initial weights before each trial
         self._closing = contextlib.ExitStack()
 
     def __enter__(self) -> "TrialRunner":
@@ -83,6 +80,7 @@ class TrialRunner:
     def __exit__(self, *exc) -> None:
         self._closing.close()
         self._stems.clear()
+        self._backbones.clear()
 
     def train(self, config: Config, folder: Path,
               callbacks: Callable[[str], list] = lambda stage: []) -> Outcome:
@@ -93,16 +91,16 @@ class TrialRunner:
         start = time.perf_counter()
         key = tuple(getattr(config, k) for k in STEM_KEYS)
         stem = self._stems.get(key)
-        if stem is not None:
-            stem.base.set_weights(stem.weights)  # undo what the last trial trained
+        kept = Backbones.key(config, self.spec) + key
         plan = resolve_plan(config, self.spec, self.scanned, self.cache_dir, folder,
-                            base=stem.base if stem else None)
+                            base=self._backbones.get(kept))
+        self._backbones.keep(kept, plan.base)
         models = stages.build_models(plan)
         extracted = 0
         if stem is None:
             loaders, stats = (None, {}) if plan.live else stages.cached_features(
                 plan, models, self.scanned, self.splits, self.pca, self._closing)
-            stem = self._stems[key] = _Stem(plan.base, plan.base.get_weights(), loaders, stats)
+            stem = self._stems[key] = _Stem(loaders, stats)
             extracted = stats.get("extracted", 0)
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint = Checkpoint(folder / "checkpoints", models.full)
