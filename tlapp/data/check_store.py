@@ -39,6 +39,8 @@ LOOKUP = ("SELECT f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail,
 LOOKUP_MANY = ("SELECT f.path, f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail, "
                "r.height, r.width FROM files f LEFT JOIN results r ON r.digest = f.digest "
                "WHERE f.path IN ({})")
+RESULTS_MANY = ("SELECT digest, reason, detail, height, width FROM results "
+                "WHERE digest IN ({})")
 LOOKUP_BATCH = 500  # paths per query (SQLite's oldest limit on parameters is 999)
 
 
@@ -104,13 +106,22 @@ class CheckStore:
                 rows[row[0]] = row[1:]
         return rows
 
-    def result(self, digest: str) -> dict | None:
-        key = bytes.fromhex(digest)
-        if key in self._results:
-            return self._results[key]
-        row = self.db.execute("SELECT reason, detail, height, width FROM results "
-                              "WHERE digest = ?", (key,)).fetchone()
-        return None if row is None else _record(row)
+    def results_of(self, digests: list[str]) -> dict[str, dict]:
+        """The stored verdicts of these content hashes (those it has), pending ones
+        included: one query per LOOKUP_BATCH hashes."""
+        found, asked = {}, []
+        for digest in dict.fromkeys(digests):
+            key = bytes.fromhex(digest)
+            if key in self._results:
+                found[digest] = self._results[key]
+            else:
+                asked.append(key)
+        for start in range(0, len(asked), LOOKUP_BATCH):
+            chunk = asked[start:start + LOOKUP_BATCH]
+            for key, *row in self.db.execute(RESULTS_MANY.format(",".join("?" * len(chunk))),
+                                             chunk):
+                found[key.hex()] = _record(row)
+        return found
 
     def add_file(self, path: str, stat: os.stat_result, digest: str, hashed_ns: int) -> None:
         self._files.append((path, stat.st_size, stat.st_mtime_ns, bytes.fromhex(digest),
