@@ -16,6 +16,7 @@ import os
 import time
 import unicodedata
 from pathlib import Path
+from typing import Sequence
 
 from tlapp.constants import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SPLITS
 from tlapp.data import checking, sources
@@ -280,27 +281,36 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
         {"path": candidates.paths[i], "reason": reason, "detail": detail} |
         ({"line": candidates.lines[i]} if candidates.lines is not None else {})
         for i, (reason, detail) in sorted(checks.problems.items())]
-    usable = [i for i, digest in enumerate(checks.digests)
-              if digest is not None and i not in checks.problems]
+    # Columns of the usable files (array: no object per file), the others freed as soon
+    # as they are used: the peak is about what the finished scan holds.
+    usable = array.array("q", (i for i, digest in enumerate(checks.digests)
+                               if digest is not None and i not in checks.problems))
     _require_each_class(usable, candidates, checks, classes)
     given = set(split_roots) | set(candidates.given)  # a split given anywhere is not carved
     carve = {name: 0.0 if name in given else f
              for name, f in (("val", val_fraction), ("test", test_fraction))}
+    digests = checks.digests if len(usable) == len(checks.digests) else \
+        [checks.digests[i] for i in usable]
+    checks.digests = None
     groups = None
     if candidates.groups is not None:  # a file with no group is its own group
         groups = [candidates.groups[i] if candidates.groups[i] is not None
-                  else "\0" + checks.digests[i] for i in usable]
+                  else "\0" + digests[k] for k, i in enumerate(usable)]
         candidates.groups = None
-    splits, report = split_samples([checks.digests[i] for i in usable],
-                                   [candidates.labels[i] for i in usable],
-                                   [candidates.given[i] for i in usable], len(classes), carve,
-                                   groups)
+    labels = array.array("i", (candidates.labels[i] for i in usable))
+    candidates.labels = None
+    splits, report = split_samples(digests, labels, [candidates.given[i] for i in usable],
+                                   len(classes), carve, groups)
+    candidates.given = groups = None
     multi = candidates.multi
     if multi is not None:  # every label of an image counts for it
         report["per_class"] = collections.Counter(label for i in usable for label in multi[i])
-    samples = [Sample(candidates.paths[i], candidates.labels[i], split, checks.digests[i],
+    paths = candidates.paths
+    samples = [Sample(paths[i], labels[k], splits[k], digests[k],
                       multi[i] if multi is not None else ())
-               for i, split in zip(usable, splits)]
+               for k, i in enumerate(usable)]
+    del paths, digests, labels, splits, usable
+    candidates.paths = candidates.multi = None
     data = ScannedData(root, classes, samples, skipped, ignored, report["duplicates"],
                        split_warnings(report, classes), checks.checked, {
                            "val_fraction": val_fraction, "test_fraction": test_fraction,
@@ -419,7 +429,7 @@ def _list_candidates(listing: Path, path_column: str, label_column: str,
     return classes, candidates, skipped
 
 
-def _require_each_class(usable: list[int], candidates: _Candidates, checks, classes) -> None:
+def _require_each_class(usable: Sequence[int], candidates: _Candidates, checks, classes) -> None:
     multi = candidates.multi
 
     def labels_of(i: int) -> tuple:
