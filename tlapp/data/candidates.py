@@ -109,6 +109,7 @@ def _find_candidates(root: Path, split_roots: dict[str, Path], classes: list[str
                                      f"Every split must use the classes of train/.")
     presplit = split_roots.keys() != {""}
     candidates, ignored = Candidates(), []
+    paths, labels, givens = candidates.paths, candidates.labels, candidates.given
     found = collections.Counter()
     listed, last_log = 0, time.monotonic()
     for directory, names in walk(str(root)):
@@ -118,15 +119,20 @@ def _find_candidates(root: Path, split_roots: dict[str, Path], classes: list[str
         in_class = (not presplit or given in split_roots) and len(where) >= 1 and \
             where[0] in label_of and not any(is_ignored(part) for part in parts)
         prefix = directory + "/" if directory else ""
-        for name in names:
-            relative = prefix + name
-            if in_class and not is_ignored(name) and \
-                    os.path.splitext(name)[1].lower() in CANDIDATE_EXTENSIONS:
-                label = label_of[where[0]]
-                candidates.add(relative, label, given)
-                found[given, label] += 1
-            else:
-                ignored.append(relative)
+        if not in_class:
+            ignored.extend(prefix + name for name in names)
+        else:  # columns appended directly: this loop runs once per file
+            label, before = label_of[where[0]], len(paths)
+            for name in names:
+                dot = name.rfind(".")  # os.path.splitext's extension for a name not hidden
+                if dot > 0 and name[dot:].lower() in CANDIDATE_EXTENSIONS and \
+                        not is_ignored(name):
+                    paths.append(prefix + name)
+                    labels.append(label)
+                    givens.append(given)
+                else:
+                    ignored.append(prefix + name)
+            found[given, label] += len(paths) - before
         listed += len(names)
         if time.monotonic() - last_log > LIST_LOG_S:
             log.info("scan: listed %s files so far", f"{listed:,}")

@@ -39,6 +39,7 @@ LOOKUP = ("SELECT f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail,
 LOOKUP_MANY = ("SELECT f.path, f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail, "
                "r.height, r.width FROM files f LEFT JOIN results r ON r.digest = f.digest "
                "WHERE f.path IN ({})")
+LOOKUP_RANGE = LOOKUP_MANY.replace("IN ({})", "BETWEEN ? AND ? LIMIT ?")
 RESULTS_MANY = ("SELECT digest, reason, detail, height, width FROM results "
                 "WHERE digest IN ({})")
 LOOKUP_BATCH = 500  # paths per query (SQLite's oldest limit on parameters is 999)
@@ -97,8 +98,16 @@ class CheckStore:
         return unchanged(self.db.execute(LOOKUP, (path,)).fetchone(), stat)
 
     def rows_of(self, paths: list[str]) -> dict[str, tuple]:
-        """The stored rows of these absolute paths (those it has), for `unchanged`: one
-        query per LOOKUP_BATCH paths instead of one per file."""
+        """The stored rows of these absolute paths (those it has, and maybe others), for
+        `unchanged`: one range query for a window of neighbouring paths (a scan's windows
+        are runs of one folder: a sequential read of the table), else one query per
+        LOOKUP_BATCH paths."""
+        if not paths:
+            return {}
+        limit = 2 * len(paths) + 64  # more in the range: other files between, look up each
+        found = self.db.execute(LOOKUP_RANGE, (min(paths), max(paths), limit)).fetchall()
+        if len(found) < limit:
+            return {row[0]: row[1:] for row in found}
         rows = {}
         for start in range(0, len(paths), LOOKUP_BATCH):
             chunk = paths[start:start + LOOKUP_BATCH]

@@ -61,11 +61,14 @@ class ScannedData:
 
     def counts(self) -> dict:
         """found = used + skipped + ignored: every file under the data folder."""
-        splits = collections.Counter(s.split for s in self.samples)
-        labels = collections.Counter(label for s in self.samples
-                                     for label in (s.labels or (s.label,)))
-        by_split = collections.Counter((label, s.split) for s in self.samples
-                                       for label in (s.labels or (s.label,)))
+        # One pass over the samples: a few distinct (labels, split) keys, counted after.
+        pairs = collections.Counter((s.labels or s.label, s.split) for s in self.samples)
+        splits, labels, by_split = (collections.Counter() for _ in range(3))
+        for (key, split), n in pairs.items():
+            splits[split] += n
+            for label in key if isinstance(key, tuple) else (key,):
+                labels[label] += n
+                by_split[label, split] += n
         reasons = collections.Counter(item["reason"] for item in self.skipped)
         return {"found": len(self.samples) + len(self.skipped) + len(self.ignored),
                 "used": len(self.samples), "skipped": len(self.skipped),
@@ -222,9 +225,10 @@ def _require_each_class(usable: Sequence[int], candidates: Candidates, checks, c
                                  f"{', '.join(mine)}. Fix or remove the folder.")
 
 
-def scan_summary(data: ScannedData) -> str:
-    """`used X of Y files; skipped N: 5 truncated, 3 empty, ...; ignored M ...`."""
-    counts = data.counts()
+def scan_summary(data: ScannedData, counts: dict | None = None) -> str:
+    """`used X of Y files; skipped N: 5 truncated, 3 empty, ...; ignored M ...`
+    (`counts`: data.counts(), when the caller has it)."""
+    counts = counts or data.counts()
     line = f"used {counts['used']:,} of {counts['found']:,} files"
     if data.skipped:
         reasons = ", ".join(f"{n:,} {reason}" for reason, n in counts["skipped_by_reason"].items())
@@ -237,7 +241,7 @@ def scan_summary(data: ScannedData) -> str:
 def report_scan(data: ScannedData) -> None:
     """One summary of what was found, used, skipped and ignored, the classes and warnings."""
     counts = data.counts()
-    log.info("scan: %s%s", scan_summary(data),
+    log.info("scan: %s%s", scan_summary(data, counts),
              " (all listed in split.json)" if data.skipped else "")
     sizes = counts["per_class"]
     ratio = max(sizes.values()) / max(1, min(sizes.values()))
