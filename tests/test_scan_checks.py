@@ -20,6 +20,7 @@ def messy_files(tmp_path_factory, huge_jpeg):
                   if fate != "ignored" and os.path.isfile(root / relative)}
 
 
+@pytest.mark.slow
 def test_kind_check_fails_exactly_where_the_file_check_finds_a_problem(messy_files):
     root, expected = messy_files
     kinds = set()
@@ -41,6 +42,7 @@ def test_kind_check_fails_exactly_where_the_file_check_finds_a_problem(messy_fil
     assert kinds == set(decoding.KINDS)  # every kind met, 16-bit PNG included
 
 
+@pytest.mark.slow
 def test_check_files_equals_the_one_file_check_for_every_file(messy_files, tmp_path):
     root, expected = messy_files
     relative = sorted(expected)
