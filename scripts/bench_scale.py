@@ -223,20 +223,21 @@ def part_scan(args, work: Path) -> dict:
     out = {}
     for n in args.files:
         folder = write_jpegs(work / f"scan-{n}", n)
-        for name, code in _codes(args):
-            runs = {"cold": [], "rescan": []}
-            for r in range(args.repeats):
+        runs = {name: {"cold": [], "rescan": []} for name, _ in _codes(args)}
+        for r in range(args.repeats):  # the codes interleaved, so they share the load
+            for name, code in _codes(args):
                 cache = work / f"scan-cache-{name}-{n}-{r}"
                 shutil.rmtree(cache, ignore_errors=True)
-                runs["cold"].append(child("scan", folder, cache, code=code))
-                runs["rescan"].append(child("scan", folder, cache, code=code))
+                runs[name]["cold"].append(child("scan", folder, cache, code=code))
+                runs[name]["rescan"].append(child("scan", folder, cache, code=code))
                 shutil.rmtree(cache, ignore_errors=True)
+        for name, runs_of in runs.items():
             out[f"{name} {n}"] = summary = {
-                "cold_files_per_s": statistics.median(n / x["seconds"] for x in runs["cold"]),
-                "rescan_s": statistics.median(x["seconds"] for x in runs["rescan"]),
-                "cold_rss_peak_mb": max(x["rss_peak_kb"] for x in runs["cold"]) / 1024,
-                "cold_rss_before_mb": min(x["rss_before_kb"] for x in runs["cold"]) / 1024,
-                "rescan_rss_peak_mb": max(x["rss_peak_kb"] for x in runs["rescan"]) / 1024}
+                "cold_files_per_s": statistics.median(n / x["seconds"] for x in runs_of["cold"]),
+                "rescan_s": statistics.median(x["seconds"] for x in runs_of["rescan"]),
+                "cold_rss_peak_mb": max(x["rss_peak_kb"] for x in runs_of["cold"]) / 1024,
+                "cold_rss_before_mb": min(x["rss_before_kb"] for x in runs_of["cold"]) / 1024,
+                "rescan_rss_peak_mb": max(x["rss_peak_kb"] for x in runs_of["rescan"]) / 1024}
             summary["cold_kb_per_file"] = (summary["cold_rss_peak_mb"]
                                            - summary["cold_rss_before_mb"]) * 1024 / n
             print(f"scan {name:8s} {n:>9,} files: cold {summary['cold_files_per_s']:7.0f} "

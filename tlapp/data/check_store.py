@@ -39,6 +39,9 @@ LOOKUP = ("SELECT f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail,
 LOOKUP_MANY = ("SELECT f.path, f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail, "
                "r.height, r.width FROM files f LEFT JOIN results r ON r.digest = f.digest "
                "WHERE f.path IN ({})")
+LOOKUP_RANGE = LOOKUP_MANY.replace("IN ({})", "BETWEEN ? AND ? LIMIT ?")
+RESULTS_MANY = ("SELECT digest, reason, detail, height, width FROM results "
+                "WHERE digest IN ({})")
 LOOKUP_BATCH = 500  # paths per query (SQLite's oldest limit on parameters is 999)
 
 
@@ -95,8 +98,16 @@ class CheckStore:
         return unchanged(self.db.execute(LOOKUP, (path,)).fetchone(), stat)
 
     def rows_of(self, paths: list[str]) -> dict[str, tuple]:
-        """The stored rows of these absolute paths (those it has), for `unchanged`: one
-        query per LOOKUP_BATCH paths instead of one per file."""
+        """The stored rows of these absolute paths (those it has, and maybe others), for
+        `unchanged`: one range query for a window of neighbouring paths (a scan's windows
+        are runs of one folder: a sequential read of the table), else one query per
+        LOOKUP_BATCH paths."""
+        if not paths:
+            return {}
+        limit = 2 * len(paths) + 64  # more in the range: other files between, look up each
+        found = self.db.execute(LOOKUP_RANGE, (min(paths), max(paths), limit)).fetchall()
+        if len(found) < limit:
+            return {row[0]: row[1:] for row in found}
         rows = {}
         for start in range(0, len(paths), LOOKUP_BATCH):
             chunk = paths[start:start + LOOKUP_BATCH]
@@ -104,13 +115,22 @@ class CheckStore:
                 rows[row[0]] = row[1:]
         return rows
 
-    def result(self, digest: str) -> dict | None:
-        key = bytes.fromhex(digest)
-        if key in self._results:
-            return self._results[key]
-        row = self.db.execute("SELECT reason, detail, height, width FROM results "
-                              "WHERE digest = ?", (key,)).fetchone()
-        return None if row is None else _record(row)
+    def results_of(self, digests: list[str]) -> dict[str, dict]:
+        """The stored verdicts of these content hashes (those it has), pending ones
+        included: one query per LOOKUP_BATCH hashes."""
+        found, asked = {}, []
+        for digest in dict.fromkeys(digests):
+            key = bytes.fromhex(digest)
+            if key in self._results:
+                found[digest] = self._results[key]
+            else:
+                asked.append(key)
+        for start in range(0, len(asked), LOOKUP_BATCH):
+            chunk = asked[start:start + LOOKUP_BATCH]
+            for key, *row in self.db.execute(RESULTS_MANY.format(",".join("?" * len(chunk))),
+                                             chunk):
+                found[key.hex()] = _record(row)
+        return found
 
     def add_file(self, path: str, stat: os.stat_result, digest: str, hashed_ns: int) -> None:
         self._files.append((path, stat.st_size, stat.st_mtime_ns, bytes.fromhex(digest),

@@ -1,35 +1,31 @@
-"""Checking every file of a folder scan: streaming, bounded in memory, one decode pipeline.
+"""Checking every file of a folder scan: streaming, bounded in memory, in batches.
 
 The main thread walks the list a window at a time: a file unchanged since an earlier scan
-(path, size, mtime in the store) is settled without being read; the others are read and
-hashed on a few threads, and a content already judged is settled by its hash. What is
-left goes to one tf.data pipeline (`Decoder`) that decodes on TensorFlow's threads and
-drops a file whose decode fails (`ignore_errors`) instead of stopping; the dropped ones are
-judged again one by one (validation.check_image) to say why. Results go to the store as
-they come (check_store.py), a few thousand rows per transaction.
+(path, size, mtime in the store) is settled without being read, with one store query per
+window; the others are read and hashed on a few threads (a chunk of files per task), and a
+content already judged is settled by its hash (one query per window). What is left goes, a
+chunk per kind of file, to the tf.data pipelines of decode_checks.py. Results go to the
+store as they come (check_store.py), a few thousand rows per transaction.
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import hashlib
 import os
-import queue
-import threading
 import time
 from typing import Sequence
-
-import tensorflow as tf
 
 from tlapp.constants import DEFAULT_MAX_PIXELS
 from tlapp.data import validation
 from tlapp.data.check_store import open_store, unchanged
+from tlapp.data.decode_checks import Decoder
+from tlapp.data.decoding import file_kind
 from tlapp.progress import Progress
 
-WINDOW = 256  # files stat-ed, looked up and read per step of the main loop
-READERS = 8  # threads reading and hashing (I/O and hashlib release the GIL)
-DECODE_QUEUE = 64  # files waiting for the decode pipeline
+WINDOW = 512  # files stat-ed, looked up and read per step of the main loop
+READERS = 4  # threads reading and hashing (I/O and hashlib release the GIL)
+READ_BYTES = 64 << 20  # contents read at once, at most (one file may be larger)
 
 
 @dataclasses.dataclass
@@ -50,7 +46,7 @@ def check_files(root: str, relative: Sequence[str], max_pixels: int = DEFAULT_MA
     store = open_store(cache_dir)
     started = time.time_ns()
     progress = Progress(len(relative), "file", "scan")
-    decoder = Decoder(max_pixels)
+    decoders: dict[str, Decoder] = {}
     settled = 0
 
     def settle(i: int, digest: str | None, result: dict) -> None:
@@ -66,21 +62,54 @@ def check_files(root: str, relative: Sequence[str], max_pixels: int = DEFAULT_MA
             store.add_result(digest, result)
         settle(i, digest, validation.verdict(result, max_pixels))
 
-    def drain(block: bool = False) -> bool:
-        """Settles what the decoder finished; False once it has finished everything."""
+    def drain(decoder: Decoder, block: bool = False) -> bool:
+        """Settles what `decoder` finished; False once it has finished everything."""
         for message in decoder.finished(block):
             if message[0] == "done":
                 return False
             if message[0] == "error":
                 raise message[1]
-            judged(*message[1:])
+            for item in message[1]:
+                judged(*item)
         return True
+
+    def drain_all() -> None:
+        for decoder in decoders.values():
+            drain(decoder)
+
+    def check_read(batch: list, got: list) -> None:
+        """Settles the files of `batch` (index, path, stat) known by content; sends the
+        others to the decoder of their kind."""
+        if store:
+            for (_, path, stat), read in zip(batch, got):
+                if not isinstance(read, OSError):
+                    store.add_file(path, stat, read[1], started)
+        known = store.results_of([read[1] for read in got if not isinstance(read, OSError)]
+                                 ) if store else {}
+        chunks: dict[str, list] = {}
+        for (i, path, _), read in zip(batch, got):
+            if isinstance(read, OSError):
+                settle(i, None, validation.record("unreadable", read.strerror or str(read)))
+                continue
+            data, digest = read
+            stored = known.get(digest)
+            result = stored and validation.verdict(stored, max_pixels)
+            if result:
+                settle(i, digest, result)
+            elif (early := validation.precheck(data)) is not None:
+                judged(i, digest, early)
+            else:
+                chunks.setdefault(file_kind(data), []).append((i, digest, path, data))
+        for kind, chunk in chunks.items():
+            if kind not in decoders:
+                decoders[kind] = Decoder(kind, max_pixels)
+            decoders[kind].put(chunk, drain_all)
 
     base = os.path.join(os.path.abspath(root), "")
     try:
         with concurrent.futures.ThreadPoolExecutor(READERS) as pool:
             for start in range(0, len(relative), WINDOW):
-                to_read, window = [], []
+                window = []
                 for i in range(start, min(start + WINDOW, len(relative))):
                     # the absolute path (the store's key) without os.path.abspath per file
                     name = relative[i]
@@ -90,43 +119,54 @@ def check_files(root: str, relative: Sequence[str], max_pixels: int = DEFAULT_MA
                     except OSError as e:
                         settle(i, None, validation.record("unreadable", e.strerror or str(e)))
                 rows = store.rows_of([path for _, path, _ in window]) if store else {}
-                for i, path, stat in window:
-                    known = unchanged(rows.get(path), stat)
+                to_read = []
+                for item in window:
+                    known = unchanged(rows.get(item[1]), item[2])
                     result = known and known[1] and validation.verdict(known[1], max_pixels)
                     if result:
-                        settle(i, known[0], result)
+                        settle(item[0], known[0], result)
                     else:
-                        to_read.append((i, path, stat))
-                for (i, path, stat), got in zip(to_read, pool.map(_read, [p for _, p, _ in
-                                                                          to_read])):
-                    if isinstance(got, OSError):
-                        settle(i, None, validation.record("unreadable", got.strerror or
-                                                          str(got)))
-                        continue
-                    data, digest = got
-                    if store:
-                        store.add_file(path, stat, digest, started)
-                    stored = store.result(digest) if store else None
-                    result = stored and validation.verdict(stored, max_pixels)
-                    if result:
-                        settle(i, digest, result)
-                    elif (early := validation.precheck(data)) is not None:
-                        judged(i, digest, early)
-                    else:
-                        decoder.put((i, digest, data), drain)
-                drain()
+                        to_read.append(item)
+                for batch in _read_batches(to_read):
+                    parts = [batch[k::READERS] for k in range(READERS)]
+                    got = [None] * len(batch)
+                    for k, results in enumerate(pool.map(_read_many, parts)):
+                        got[k::READERS] = results
+                    check_read(batch, got)
+                drain_all()
                 progress.update(settled)
-        decoder.close()
-        while drain(block=True):
-            progress.update(settled)
+        for decoder in decoders.values():
+            decoder.close()
+            while drain(decoder, block=True):
+                progress.update(settled)
         progress.update(settled)
         if store:
             store.flush()
     finally:
-        decoder.close()
+        for decoder in decoders.values():
+            decoder.close()
         if store:
             store.db.close()
     return checks
+
+
+def _read_batches(items: list):
+    """`items` (index, path, stat) in runs of at most READ_BYTES of content (one file at
+    least), so that a window of large photos is not held in memory at once."""
+    batch, size = [], 0
+    for item in items:
+        if batch and size + item[2].st_size > READ_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item[2].st_size
+    if batch:
+        yield batch
+
+
+def _read_many(items: list) -> list:
+    """(bytes, sha256 hex) or the OSError, for each (index, path, stat) of `items`."""
+    return [_read(path) for _, path, _ in items]
 
 
 def _read(path: str) -> tuple[bytes, str] | OSError:
@@ -136,90 +176,3 @@ def _read(path: str) -> tuple[bytes, str] | OSError:
     except OSError as e:
         return e
     return data, hashlib.sha256(data).hexdigest()
-
-
-class Decoder:
-    """One tf.data pipeline decode-checking the files put into it, started on first use.
-
-    Items are (index, content hash, bytes). `finished()` yields ("ok", index, hash,
-    verdict) for each, in order, then ("done",) once `close()` was called and all are out.
-    """
-
-    def __init__(self, max_pixels: int):
-        self.max_pixels = max_pixels
-        self.inbox: queue.Queue = queue.Queue(maxsize=DECODE_QUEUE)
-        self.outbox: queue.Queue = queue.Queue()
-        self.sent: collections.deque = collections.deque()  # yielded, not yet out
-        self.thread: threading.Thread | None = None
-        self.closed = False
-
-    def put(self, item: tuple, drain) -> None:
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._collect, daemon=True)
-            self.thread.start()
-        while True:
-            try:
-                self.inbox.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                drain()  # settle finished files meanwhile, so the pipeline never stalls
-
-    def finished(self, block: bool = False):
-        """The messages available now (with block=True, waits for one first)."""
-        if self.thread is None:
-            if self.closed:
-                yield ("done",)
-            return
-        try:
-            yield self.outbox.get(block=block)
-            while True:
-                yield self.outbox.get_nowait()
-        except queue.Empty:
-            return
-
-    def close(self) -> None:
-        """No more items: the pipeline ends once those sent are checked."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.thread is not None:
-            while True:  # the generator must see the end even if the caller stopped early
-                try:
-                    self.inbox.put(None, timeout=0.05)
-                    return
-                except queue.Full:
-                    try:
-                        self.inbox.get_nowait()
-                    except queue.Empty:
-                        pass
-
-    def _items(self):
-        while (item := self.inbox.get()) is not None:
-            self.sent.append(item)
-            yield item[0], item[2]
-
-    def _collect(self) -> None:
-        max_pixels = self.max_pixels
-        dataset = (tf.data.Dataset.from_generator(self._items, output_signature=(
-            tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)))
-            .map(lambda i, data: (i,) + validation.graph_check(data, max_pixels),
-                 num_parallel_calls=tf.data.AUTOTUNE)
-            .ignore_errors()
-            .prefetch(DECODE_QUEUE))
-        try:
-            for index, height, width, _ in dataset.as_numpy_iterator():
-                while self.sent[0][0] != index:  # dropped by ignore_errors: it failed
-                    self._explain(self.sent.popleft())
-                i, digest, _ = self.sent.popleft()
-                self.outbox.put(("ok", i, digest, validation.record(None, "", int(height),
-                                                                    int(width))))
-            while self.sent:
-                self._explain(self.sent.popleft())
-        except BaseException as e:  # surfaced in the main thread
-            self.outbox.put(("error", e))
-        finally:
-            self.outbox.put(("done",))
-
-    def _explain(self, item: tuple) -> None:
-        i, digest, data = item
-        self.outbox.put(("ok", i, digest, validation.check_image(data, self.max_pixels)))

@@ -208,6 +208,43 @@ def _resized_rgb(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.switch_case(tf.shape(image)[-1] - 1, branches)
 
 
+def file_kind(data: bytes) -> str | None:
+    """The decoder `decode_image` uses for these bytes: one of KINDS (a 16-bit PNG is
+    "png16"), or None for a format it does not read."""
+    kind = sniff_format(data)
+    return "png16" if kind == "png" and data[24:25] == b"\x10" else kind
+
+
+KINDS = FORMATS + ("png16",)
+
+
+def raw_pixels(data: tf.Tensor, kind: str, image_size: int, max_pixels: int | None
+               ) -> tuple[tf.Tensor, tf.Tensor]:
+    """(declared [height, width], decoded pixels before resizing) of a file `file_kind`
+    calls `kind`: the decode op of `decode_image` with its arguments, behind its pixel limit.
+    Fails where `decode_image` fails (what follows the decode cannot fail)."""
+    shape = _declared_shape(data, "png" if kind == "png16" else kind)
+    if kind == "jpeg":  # libjpeg's DCT scaling for huge photos (see jpeg_scale_index)
+        def decode():
+            return tf.switch_case(
+                jpeg_scale_index(shape[0], shape[1], image_size),
+                [lambda ratio=ratio: tf.io.decode_jpeg(data, channels=3, ratio=ratio,
+                                                       dct_method="INTEGER_ACCURATE")
+                 for ratio in (1, 2, 4, 8)])
+    elif kind in ("png", "png16"):  # channels=4: libpng expands gray, palette and tRNS
+        def decode():
+            return tf.io.decode_png(data, 4, tf.uint16 if kind == "png16" else tf.uint8)
+    else:  # GIF, BMP, WebP in their own channels; animations: the first frame
+        def decode():
+            return tf.io.decode_image(data, expand_animations=False)
+    if max_pixels is None:
+        return shape, decode()
+    check = tf.debugging.Assert(shape[0] * shape[1] <= max_pixels, [
+        f"image too large: more than {max_pixels} pixels (height, width)", shape])
+    with tf.control_dependencies([check]):
+        return shape, decode()
+
+
 def decode_image(data: tf.Tensor | bytes, image_size: int,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tf.Tensor:
     """Encoded file bytes -> float32 upright RGB pixels in [0, 255], resized to a square.
@@ -223,31 +260,13 @@ def decode_image(data: tf.Tensor | bytes, image_size: int,
     data = tf.convert_to_tensor(data, tf.string)
     index = _format_index(data)
 
-    def limited(height_width, decode):
-        if max_pixels is None:
-            return decode()
-        check = tf.debugging.Assert(height_width[0] * height_width[1] <= max_pixels, [
-            f"image too large: more than {max_pixels} pixels (height, width)", height_width])
-        with tf.control_dependencies([check]):
-            return decode()
-
     def jpeg():  # libjpeg turns gray and CMYK into RGB
-        height_width = _declared_shape(data, "jpeg")
-        pixels = limited(height_width, lambda: tf.switch_case(
-            jpeg_scale_index(height_width[0], height_width[1], image_size),
-            [lambda ratio=ratio: tf.io.decode_jpeg(data, channels=3, ratio=ratio,
-                                                   dct_method="INTEGER_ACCURATE")
-             for ratio in (1, 2, 4, 8)]))
+        _, pixels = raw_pixels(data, "jpeg", image_size, max_pixels)
         # Turning a square commutes with resizing it, and is cheaper after.
         return apply_orientation(_resized_rgb(pixels, image_size), jpeg_orientation(data))
 
-    def png(dtype):  # channels=4: libpng expands gray, palette and tRNS transparency
-        return _resized_rgb(limited(_declared_shape(data, "png"),
-                                    lambda: tf.io.decode_png(data, 4, dtype)), image_size)
-
-    def other(kind):  # GIF, BMP, WebP in their own channels; animations: the first frame
-        return _resized_rgb(limited(_declared_shape(data, kind), lambda: tf.io.decode_image(
-            data, expand_animations=False)), image_size)
+    def other(kind):
+        return _resized_rgb(raw_pixels(data, kind, image_size, max_pixels)[1], image_size)
 
     def unknown():
         check = tf.debugging.Assert(index < len(FORMATS),
@@ -259,9 +278,9 @@ def decode_image(data: tf.Tensor | bytes, image_size: int,
     bit_depth = tf.strings.substr(tf.strings.join([tf.strings.substr(data, 0, 25), b"\0" * 25]),
                                   24, 1)
     branch = tf.where((index == 1) & tf.equal(bit_depth, b"\x10"), len(FORMATS) + 1, index)
-    image = tf.switch_case(branch, [jpeg, lambda: png(tf.uint8), lambda: other("gif"),
+    image = tf.switch_case(branch, [jpeg, lambda: other("png"), lambda: other("gif"),
                                     lambda: other("bmp"), lambda: other("webp"), unknown,
-                                    lambda: png(tf.uint16)])
+                                    lambda: other("png16")])
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 

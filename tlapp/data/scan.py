@@ -1,39 +1,31 @@
 """Image folders: find every file, validate the images (checking.py), split them by
 content hash into train/val/test (splits.py), and report what was used, skipped and ignored.
 
-The scan streams: files are listed as plain strings, checked a window at a time with the
-results stored as they come, and split and counted in one pass, so its memory is what the
-finished scan holds (about 300 bytes per image) and its time grows linearly.
+The scan streams: files are listed as plain strings (candidates.py), checked a window at a
+time with the results stored as they come (checking.py), and split and counted in one pass,
+so its memory is what the finished scan holds (about 350 bytes per image) and its time grows
+linearly. DATA itself is resolved by inputs.py (re-exported here).
 """
 from __future__ import annotations
 
 import array
 import collections
 import dataclasses
-import glob
 import logging
 import os
-import time
-import unicodedata
 from pathlib import Path
+from typing import Sequence
 
-from tlapp.constants import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SPLITS
+from tlapp.constants import DEFAULT_MAX_PIXELS, SPLITS
 from tlapp.data import checking, sources
+from tlapp.data.candidates import (Candidates, folder_candidates, list_candidates,
+                                   named_candidates)
+from tlapp.data.inputs import data_root, expand_inputs, resolve_data  # noqa: F401
 from tlapp.data.splits import (MIN_CLASS_IMAGES, assign_splits, hash_fraction,  # noqa: F401
                                split_samples, split_warnings)
 from tlapp.errors import UserInputError
 
 log = logging.getLogger(__name__)
-
-# Images tlapp does not read: checked anyway (a PNG named .tif is used), else skipped with
-# reason "unsupported format" so that they are listed rather than silently ignored.
-OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl",
-                          ".ico", ".icns", ".psd", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
-                          ".dds", ".pcx", ".svg", ".dng", ".cr2", ".nef", ".arw")
-CANDIDATE_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS)
-SYSTEM_NAMES = ("thumbs.db", "desktop.ini", "__macosx")  # plus every name starting with "."
-LINE_BREAKING = ("Cc", "Zl", "Zp")  # categories that break a file listing one label per line
-LIST_LOG_S = 10.0  # while listing a huge folder, say how far it got this often
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,11 +61,14 @@ class ScannedData:
 
     def counts(self) -> dict:
         """found = used + skipped + ignored: every file under the data folder."""
-        splits = collections.Counter(s.split for s in self.samples)
-        labels = collections.Counter(label for s in self.samples
-                                     for label in (s.labels or (s.label,)))
-        by_split = collections.Counter((label, s.split) for s in self.samples
-                                       for label in (s.labels or (s.label,)))
+        # One pass over the samples: a few distinct (labels, split) keys, counted after.
+        pairs = collections.Counter((s.labels or s.label, s.split) for s in self.samples)
+        splits, labels, by_split = (collections.Counter() for _ in range(3))
+        for (key, split), n in pairs.items():
+            splits[split] += n
+            for label in key if isinstance(key, tuple) else (key,):
+                labels[label] += n
+                by_split[label, split] += n
         reasons = collections.Counter(item["reason"] for item in self.skipped)
         return {"found": len(self.samples) + len(self.skipped) + len(self.ignored),
                 "used": len(self.samples), "skipped": len(self.skipped),
@@ -96,114 +91,6 @@ class ScannedData:
                                    else self.classes[s.label])
         return by_split | ({"labels": labels} if self.source != "folders" else {}) | {
             "skipped": self.skipped, "ignored": self.ignored}
-
-
-def _is_ignored(name: str) -> bool:
-    return name.startswith(".") or name.lower() in SYSTEM_NAMES
-
-
-def _walk(folder: str):
-    """(directory relative to `folder` with forward slashes, "" for itself; sorted names of
-    its files) for every directory, following symlinks; a directory reached twice (a
-    symlink loop, or two links to one place) is listed once."""
-    seen = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames.sort()
-        relative = os.path.relpath(dirpath, folder)
-        yield ("" if relative == "." else relative.replace(os.sep, "/")), sorted(filenames)
-
-
-def _list_files(folder: Path) -> list[Path]:
-    """Every file under `folder` (see `_walk`), as paths."""
-    return [Path(folder) / directory / name for directory, names in _walk(str(folder))
-            for name in names]
-
-
-def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_ignored(p.name))
-
-
-def _check_class_name(folder: Path) -> None:
-    bad = [ch for ch in folder.name if unicodedata.category(ch) in LINE_BREAKING]
-    if bad:
-        raise UserInputError(
-            f"The class folder name {folder.name!r} (in {folder.parent}) contains a control "
-            f"or line-break character ({', '.join(sorted({repr(c) for c in bad}))}), which "
-            f"would break labels.txt and every file that lists one label per line. Rename "
-            f"the folder.")
-
-
-@dataclasses.dataclass
-class _Candidates:
-    """The files that may be images of a class: parallel compact columns."""
-
-    paths: list = dataclasses.field(default_factory=list)  # relative, forward slashes
-    labels: array.array = dataclasses.field(default_factory=lambda: array.array("i"))
-    given: list = dataclasses.field(default_factory=list)  # the split folder, or None
-    groups: list | None = None  # the group of each (None: its own), when grouping
-    lines: array.array | None = None  # a list file's line of each
-    multi: list | None = None  # multi-label: the labels of each (a tuple)
-
-    def add(self, path: str, label: int | tuple, given: str | None = None,
-            group: str | None = None, line: int | None = None) -> None:
-        self.paths.append(path)
-        if self.multi is not None:
-            self.multi.append(label)
-            label = label[0]
-        self.labels.append(label)
-        self.given.append(given)
-        if self.groups is not None:
-            self.groups.append(group)
-        if self.lines is not None:
-            self.lines.append(line)
-
-
-def _find_candidates(root: Path, split_roots: dict[str, Path], classes: list[str]
-                     ) -> tuple[_Candidates, list[str]]:
-    """Every file under `root`: a candidate image of a class, or ignored."""
-    label_of = {name: i for i, name in enumerate(classes)}
-    for given, split_root in split_roots.items():
-        for folder in _class_folders(split_root):
-            _check_class_name(folder)
-            if folder.name not in label_of:
-                raise UserInputError(f"{folder} is a class that {root / 'train'} does not have. "
-                                     f"Every split must use the classes of train/.")
-    presplit = split_roots.keys() != {""}
-    candidates, ignored = _Candidates(), []
-    found = collections.Counter()
-    listed, last_log = 0, time.monotonic()
-    for directory, names in _walk(str(root)):
-        parts = directory.split("/") if directory else []
-        given = (parts[0] if parts else None) if presplit else None
-        where = parts[1:] if presplit else parts
-        in_class = (not presplit or given in split_roots) and len(where) >= 1 and \
-            where[0] in label_of and not any(_is_ignored(part) for part in parts)
-        prefix = directory + "/" if directory else ""
-        for name in names:
-            relative = prefix + name
-            if in_class and not _is_ignored(name) and \
-                    os.path.splitext(name)[1].lower() in CANDIDATE_EXTENSIONS:
-                label = label_of[where[0]]
-                candidates.add(relative, label, given)
-                found[given, label] += 1
-            else:
-                ignored.append(relative)
-        listed += len(names)
-        if time.monotonic() - last_log > LIST_LOG_S:
-            log.info("scan: listed %s files so far", f"{listed:,}")
-            last_log = time.monotonic()
-    for given, split_root in split_roots.items():
-        for folder in _class_folders(split_root):
-            if given in ("", "train") and not found[given or None, label_of[folder.name]]:
-                raise UserInputError(
-                    f"Class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
-                    f"Add images or remove the folder.")
-    return candidates, ignored
 
 
 def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -241,7 +128,7 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
                                  f"{root} gives its labels in a column (--label-column).")
         source, listing = "list", root
         root = root.parent
-        classes, candidates, pre_skipped = _list_candidates(listing, path_column, label_column,
+        classes, candidates, pre_skipped = list_candidates(listing, path_column, label_column,
                                                             multi_label)
         ignored: list[str] = []
     else:
@@ -261,10 +148,10 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
                                  f"or tfds:NAME.")
         if label_pattern:
             source = "names"
-            classes, candidates, ignored, pre_skipped = _named_candidates(root, label_pattern)
+            classes, candidates, ignored, pre_skipped = named_candidates(root, label_pattern)
         else:
             source = "folders"
-            classes, candidates, ignored = _folder_candidates(root)
+            classes, candidates, ignored = folder_candidates(root)
     split_roots = {"": root} if source != "folders" or not (root / "train").is_dir() else \
         {name: root / name for name in SPLITS if (root / name).is_dir()}
     if group_pattern:
@@ -280,27 +167,36 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
         {"path": candidates.paths[i], "reason": reason, "detail": detail} |
         ({"line": candidates.lines[i]} if candidates.lines is not None else {})
         for i, (reason, detail) in sorted(checks.problems.items())]
-    usable = [i for i, digest in enumerate(checks.digests)
-              if digest is not None and i not in checks.problems]
+    # Columns of the usable files (array: no object per file), the others freed as soon
+    # as they are used: the peak is about what the finished scan holds.
+    usable = array.array("q", (i for i, digest in enumerate(checks.digests)
+                               if digest is not None and i not in checks.problems))
     _require_each_class(usable, candidates, checks, classes)
     given = set(split_roots) | set(candidates.given)  # a split given anywhere is not carved
     carve = {name: 0.0 if name in given else f
              for name, f in (("val", val_fraction), ("test", test_fraction))}
+    digests = checks.digests if len(usable) == len(checks.digests) else \
+        [checks.digests[i] for i in usable]
+    checks.digests = None
     groups = None
     if candidates.groups is not None:  # a file with no group is its own group
         groups = [candidates.groups[i] if candidates.groups[i] is not None
-                  else "\0" + checks.digests[i] for i in usable]
+                  else "\0" + digests[k] for k, i in enumerate(usable)]
         candidates.groups = None
-    splits, report = split_samples([checks.digests[i] for i in usable],
-                                   [candidates.labels[i] for i in usable],
-                                   [candidates.given[i] for i in usable], len(classes), carve,
-                                   groups)
+    labels = array.array("i", (candidates.labels[i] for i in usable))
+    candidates.labels = None
+    splits, report = split_samples(digests, labels, [candidates.given[i] for i in usable],
+                                   len(classes), carve, groups)
+    candidates.given = groups = None
     multi = candidates.multi
     if multi is not None:  # every label of an image counts for it
         report["per_class"] = collections.Counter(label for i in usable for label in multi[i])
-    samples = [Sample(candidates.paths[i], candidates.labels[i], split, checks.digests[i],
+    paths = candidates.paths
+    samples = [Sample(paths[i], labels[k], splits[k], digests[k],
                       multi[i] if multi is not None else ())
-               for i, split in zip(usable, splits)]
+               for k, i in enumerate(usable)]
+    del paths, digests, labels, splits, usable
+    candidates.paths = candidates.multi = None
     data = ScannedData(root, classes, samples, skipped, ignored, report["duplicates"],
                        split_warnings(report, classes), checks.checked, {
                            "val_fraction": val_fraction, "test_fraction": test_fraction,
@@ -313,113 +209,7 @@ def scan_folder(root: str | os.PathLike, val_fraction: float = 0.1, test_fractio
     return data
 
 
-def _folder_candidates(root: Path) -> tuple[list[str], _Candidates, list[str]]:
-    """The classes and candidate images of a class-per-folder tree (or train/ val/ test/)."""
-    presplit = (root / "train").is_dir()
-    split_roots = {name: root / name for name in SPLITS if (root / name).is_dir()} \
-        if presplit else {"": root}
-    classes = [p.name for p in _class_folders(split_roots.get("train", root))]
-    if len(classes) < 2:
-        raise UserInputError(
-            f"{split_roots.get('train', root)} has {len(classes)} class folder(s) "
-            f"({', '.join(classes) or 'none'}); tlapp needs at least 2: put each class's "
-            f"images in its own subfolder, or give a CSV list or --label-from.")
-    log.info("scan: listing the files under %s", root)
-    candidates, ignored = _find_candidates(root, split_roots, classes)
-    return classes, candidates, ignored
-
-
-def _check_classes(classes: list[str], where: str) -> None:
-    if len(classes) < 2:
-        raise UserInputError(f"{where} gives {len(classes)} label(s) "
-                             f"({', '.join(map(repr, classes)) or 'none'}); tlapp needs at "
-                             f"least 2.")
-    for name in classes:
-        bad = [ch for ch in name if unicodedata.category(ch) in LINE_BREAKING]
-        if bad or "/" in name:
-            raise UserInputError(f"The label {name!r} (in {where}) contains a control, "
-                                 f"line-break or '/' character, which would break labels.txt. "
-                                 f"Change the label.")
-
-
-def _named_candidates(root: Path, pattern) -> tuple[list[str], _Candidates, list[str],
-                                                    list[dict]]:
-    """Every image under `root`, labelled by `pattern`'s first group on its relative path;
-    an image it does not match is skipped with reason "no label"."""
-    log.info("scan: listing the files under %s", root)
-    candidates, ignored, skipped, first_seen = _Candidates(), [], [], {}
-    for directory, names in _walk(str(root)):
-        prefix = directory + "/" if directory else ""
-        hidden = any(_is_ignored(part) for part in directory.split("/") if part)
-        for name in names:
-            relative = prefix + name
-            if hidden or _is_ignored(name) or \
-                    os.path.splitext(name)[1].lower() not in CANDIDATE_EXTENSIONS:
-                ignored.append(relative)
-            elif (label := sources.match(pattern, relative)) is None:
-                skipped.append({"path": relative, "reason": "no label", "detail":
-                                f"--label-from {pattern.pattern!r} does not match the path"})
-            else:
-                candidates.add(relative, first_seen.setdefault(label, len(first_seen)))
-    classes = _sorted_labels(candidates, first_seen, f"--label-from {pattern.pattern!r} on "
-                                                     f"{root}")
-    return classes, candidates, ignored, skipped
-
-
-def _sorted_labels(candidates: _Candidates, first_seen: dict[str, int], where: str
-                   ) -> list[str]:
-    """The class names, sorted; candidates' labels (numbered in order of appearance)
-    renumbered to match."""
-    classes = sorted(first_seen)
-    _check_classes(classes, where)
-    index = {name: i for i, name in enumerate(classes)}
-    order = [index[name] for name in first_seen]  # first_seen keeps insertion order
-    candidates.labels = array.array("i", (order[label] for label in candidates.labels))
-    if candidates.multi is not None:
-        candidates.multi = [tuple(sorted(order[label] for label in labels))
-                            for labels in candidates.multi]
-    return classes
-
-
-def _list_candidates(listing: Path, path_column: str, label_column: str,
-                     multi_label: bool = False) -> tuple[list[str], _Candidates, list[dict]]:
-    """The images a list file names. A row with no label, with several labels, or naming a
-    file an earlier row named is skipped (listed with its line)."""
-    candidates = _Candidates(groups=[], lines=array.array("q"),
-                             multi=[] if multi_label else None)
-    skipped, first_line, first_seen = [], {}, {}
-    for row in sources.read_list(listing, path_column, label_column):
-        where = {"path": row.path, "line": row.line}
-        if not row.path:
-            skipped.append(where | {"reason": "no path", "detail": f"the {path_column} "
-                                                                   f"column is empty"})
-        elif not row.labels:
-            skipped.append(where | {"reason": "no label", "detail": f"the {label_column} "
-                                                                    f"column is empty"})
-        elif len(row.labels) > 1 and not multi_label:
-            skipped.append(where | {"reason": "several labels", "detail": (
-                f"{', '.join(row.labels)}: pass --multi-label to train on several "
-                f"labels per image")})
-        elif (key := os.path.normpath(row.path)) in first_line:
-            skipped.append(where | {"reason": "duplicate row",
-                                    "detail": f"line {first_line[key]} names the same file"})
-        else:
-            first_line[key] = row.line
-            numbers = tuple(dict.fromkeys(first_seen.setdefault(label, len(first_seen))
-                                          for label in row.labels))
-            candidates.add(row.path.replace(os.sep, "/"),
-                           numbers if multi_label else numbers[0], row.split, row.group,
-                           row.line)
-    del first_line
-    if not any(candidates.groups):
-        candidates.groups = None
-    classes = _sorted_labels(candidates, first_seen, str(listing))
-    log.info("scan: %s lists %s images (%d rows skipped)", listing,
-             f"{len(candidates.paths):,}", len(skipped))
-    return classes, candidates, skipped
-
-
-def _require_each_class(usable: list[int], candidates: _Candidates, checks, classes) -> None:
+def _require_each_class(usable: Sequence[int], candidates: Candidates, checks, classes) -> None:
     multi = candidates.multi
 
     def labels_of(i: int) -> tuple:
@@ -435,9 +225,10 @@ def _require_each_class(usable: list[int], candidates: _Candidates, checks, clas
                                  f"{', '.join(mine)}. Fix or remove the folder.")
 
 
-def scan_summary(data: ScannedData) -> str:
-    """`used X of Y files; skipped N: 5 truncated, 3 empty, ...; ignored M ...`."""
-    counts = data.counts()
+def scan_summary(data: ScannedData, counts: dict | None = None) -> str:
+    """`used X of Y files; skipped N: 5 truncated, 3 empty, ...; ignored M ...`
+    (`counts`: data.counts(), when the caller has it)."""
+    counts = counts or data.counts()
     line = f"used {counts['used']:,} of {counts['found']:,} files"
     if data.skipped:
         reasons = ", ".join(f"{n:,} {reason}" for reason, n in counts["skipped_by_reason"].items())
@@ -450,7 +241,7 @@ def scan_summary(data: ScannedData) -> str:
 def report_scan(data: ScannedData) -> None:
     """One summary of what was found, used, skipped and ignored, the classes and warnings."""
     counts = data.counts()
-    log.info("scan: %s%s", scan_summary(data),
+    log.info("scan: %s%s", scan_summary(data, counts),
              " (all listed in split.json)" if data.skipped else "")
     sizes = counts["per_class"]
     ratio = max(sizes.values()) / max(1, min(sizes.values()))
@@ -463,41 +254,3 @@ def report_scan(data: ScannedData) -> None:
              if data.duplicates else "")
     for warning in data.warnings:
         log.warning("scan: warning: %s", warning)
-
-
-def expand_inputs(items: list[str]) -> list[str]:
-    """Files as given, folders as the images under them, globs as their matches, list
-    files (CSV, JSON Lines with a `path` column) as the images they name, in order.
-
-    An item that yields nothing (a missing file, a glob that matches nothing, a folder with
-    no images) is kept as it is, so the caller reports it rather than dropping it silently.
-    """
-    paths = []
-    for item in items:
-        path = Path(item).expanduser()
-        if sources.is_list_file(path):  # a CSV or JSON Lines list: the images it names
-            found = [os.path.join(path.parent, row.path) for row in
-                     sources.read_list(path, labels=False) if row.path]
-        elif path.is_dir():
-            found = [str(f) for f in _list_files(path) if not _is_ignored(f.name)
-                     and f.suffix.lower() in IMAGE_EXTENSIONS]
-        elif not path.exists() and glob.has_magic(item):
-            found = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-        else:
-            found = []
-        paths += found or [str(path)]
-    return paths
-
-
-def data_root(data: Path) -> Path:
-    """The folder image paths of DATA are relative to: a list file's folder, else DATA."""
-    return data.parent if sources.is_list_file(data) else data
-
-
-def resolve_data(data: str, cache_dir: Path) -> Path:
-    """The image folder for DATA: the folder itself, or a TFDS dataset written out as one."""
-    if data.startswith("tfds:"):
-        from tlapp.data import tfds  # TensorFlow Datasets is slow to import: only for tfds:
-
-        return tfds.materialize_tfds(data[len("tfds:"):], Path(cache_dir) / "tfds")
-    return Path(data).expanduser()

@@ -14,8 +14,8 @@ import warnings
 import tensorflow as tf
 
 from tlapp.constants import DEFAULT_MAX_PIXELS
-from tlapp.data.decoding import (decode_file_bytes, decode_image, describe_error, header_shape,
-                                 image_shape, sniff_format)
+from tlapp.data.decoding import (decode_file_bytes, describe_error, image_shape, raw_pixels,
+                                 sniff_format)
 
 VALIDATION_SIZE = 64  # decoded at this size when checking: the full decode still runs
 
@@ -111,17 +111,15 @@ def precheck(data: bytes) -> dict | None:
     return _identify(data) if sniff_format(data) is None else None
 
 
-def graph_check(data: tf.Tensor, max_pixels: int) -> tuple[tf.Tensor, ...]:
-    """`check_image` on bytes `precheck` passed, in TensorFlow ops (for tf.data): (height,
-    width, a sum of the pixels that makes the decode run). Fails where check_image finds a
-    problem (too large included); check_image then says which."""
-    return compiled_check(max_pixels)(data)
-
-
 @functools.cache
-def compiled_check(max_pixels: int):
-    """The check as a tf.function: traced once per process, however many scans follow."""
+def compiled_check(kind: str, max_pixels: int):
+    """`check_image` on bytes `precheck` passed whose `file_kind` is `kind`, as a
+    tf.function for tf.data, traced once per process: (height, width, decoded pixel count).
+    Fails where check_image finds a problem (too large included); check_image then says
+    which. The decode op of `decode_image` alone, one straight graph per kind: what follows
+    the decode there cannot fail, and the full decoder's switch over formats costs tf.data
+    several times more per file."""
     def check(data):
-        shape = header_shape(data)
-        return shape[0], shape[1], tf.reduce_sum(decode_image(data, VALIDATION_SIZE, max_pixels))
+        shape, pixels = raw_pixels(data, kind, VALIDATION_SIZE, max_pixels)
+        return shape[0], shape[1], tf.size(pixels, out_type=tf.int64)
     return tf.function(check, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
