@@ -122,10 +122,12 @@ def worker_reads(cache: str, kind_key: str, rows: int, epochs: int) -> dict:
     open_s = time.perf_counter() - tick
     batches = iter(datasets.shuffled_batches(rows, 32, 0, 0, epochs, loader))
     next(batches)
+    _drop_page_cache(loader)
     tick, cpu = time.perf_counter(), time.process_time()  # CPU: all threads, load-proof
     count = sum(int(x.shape[0]) for x, _ in batches)
     python_s, python_cpu = time.perf_counter() - tick, time.process_time() - cpu
     graph = datasets.shuffled_batches(rows, 32, 0, epochs, 2 * epochs, loader)
+    _drop_page_cache(loader)
     tick, cpu = time.perf_counter(), time.process_time()
     graph_count = int(graph.reduce(tf.constant(0, tf.int64),
                                    lambda n, batch: n + tf.shape(batch[0], tf.int64)[0]))
@@ -135,6 +137,7 @@ def worker_reads(cache: str, kind_key: str, rows: int, epochs: int) -> dict:
     gather = getattr(loader, "gather", None) or loader._gather
     step = getattr(loader, "read_rows", 32)
     order = np.random.default_rng(1).permutation(rows)
+    _drop_page_cache(loader)
     tick, cpu = time.perf_counter(), time.process_time()
     for start in range(0, rows, step):
         idx = order[start:start + step]
@@ -145,6 +148,21 @@ def worker_reads(cache: str, kind_key: str, rows: int, epochs: int) -> dict:
             "graph_rows_per_cpu_s": graph_count / graph_cpu,
             "gather_rows_per_s": rows / gather_s, "gather_rows_per_cpu_s": rows / gather_cpu,
             "open_s": open_s, "rss_peak_kb": _rss_kb()}
+
+
+def _drop_page_cache(loader) -> None:
+    """With --cold: empties the kernel's page cache (root only), so that the next reads come
+    from the disk, as for an entry larger than the memory. The loader's open shards are
+    released first: the kernel keeps pages that a process has mapped."""
+    if os.environ.get("BENCH_COLD") == "1":
+        reader = loader.reader
+        with reader._lock:
+            for opened in reader._open.values():
+                if isinstance(opened, tuple):  # the old reader: (descriptor, offset, size)
+                    os.close(opened[0])
+            reader._open.clear()
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
 
 
 def worker_consume(steps: int) -> dict:
@@ -509,6 +527,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline-rows", type=int, help="rows for the baseline (growth)")
     parser.add_argument("--kinds", nargs="+", default=["pooled", "spatial"])
     parser.add_argument("--read-epochs", type=int, default=1)
+    parser.add_argument("--cold", action="store_true",
+                        help="reads: empty the page cache before each measure (needs root)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--baseline", help="a checkout of tlapp to compare with")
     parser.add_argument("--work", help="folder for the generated data (kept)")
@@ -521,6 +541,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="growth: keep the pooled entry (for reads)")
     parser.add_argument("--json", help="append the results to this JSON-lines file")
     args = parser.parse_args(argv)
+    if args.cold:
+        os.environ["BENCH_COLD"] = "1"  # the workers drop the page cache before measuring
     print(f"{args.part}: {os.cpu_count()} CPUs, {load()}, python {sys.version.split()[0]}",
           flush=True)
     if args.work:
