@@ -34,8 +34,6 @@ CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns 
 CREATE TABLE IF NOT EXISTS results (digest BLOB PRIMARY KEY, reason TEXT, detail TEXT,
                                     height INTEGER, width INTEGER) WITHOUT ROWID;
 """
-LOOKUP = ("SELECT f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail, r.height, "
-          "r.width FROM files f LEFT JOIN results r ON r.digest = f.digest WHERE f.path = ?")
 LOOKUP_MANY = ("SELECT f.path, f.size, f.mtime_ns, f.digest, f.hashed_ns, r.reason, r.detail, "
                "r.height, r.width FROM files f LEFT JOIN results r ON r.digest = f.digest "
                "WHERE f.path IN ({})")
@@ -56,7 +54,7 @@ def _record(row) -> dict | None:
 
 
 def unchanged(row, stat: os.stat_result) -> tuple[str, dict | None] | None:
-    """(content hash, stored verdict or None) from a file's stored row (see LOOKUP) if the
+    """(content hash, stored verdict or None) from a file's stored row (`rows_of`) if the
     file is unchanged since it was hashed (size and mtime, and modified clearly before the
     hash was taken), else None."""
     if row is None or row[0] != stat.st_size or row[1] != stat.st_mtime_ns or \
@@ -92,10 +90,6 @@ class CheckStore:
             db.close()
             raise
         return db
-
-    def known(self, path: str, stat: os.stat_result) -> tuple[str, dict | None] | None:
-        """(content hash, stored verdict or None) of an unchanged file, or None."""
-        return unchanged(self.db.execute(LOOKUP, (path,)).fetchone(), stat)
 
     def rows_of(self, paths: list[str]) -> dict[str, tuple]:
         """The stored rows of these absolute paths (those it has, and maybe others), for
