@@ -148,6 +148,24 @@ def test_a_run_calibrates_rejects_and_reports(tmp_path, capsys):
     reject = json.loads((run / "reject.json").read_text())
     assert reject["chosen"] == "auto" and 0 < reject["reject_below"] <= 1
     assert metrics["reject"]["val"]["coverage"] >= 0.8 - 1e-9
+    # The SavedModel was traced before training: it must hold the final values all the same
+    # (the trained weights, the temperature baked after evaluation, the chosen threshold).
+    import tensorflow as tf
+
+    import tlapp
+
+    finished = tlapp.load_run(run)
+    files = [str(p) for p in sorted((data / "a").iterdir())[:6]]
+    served = tf.saved_model.load(str(run / "saved_model")).signatures["serving_default"](
+        images=tf.constant([Path(f).read_bytes() for f in files]))
+    mine = finished.predict(files, top_k=3, reject_below=reject["reject_below"])
+    np.testing.assert_allclose(
+        served["probabilities"].numpy().max(axis=1),
+        [r["predictions"][0]["probability"] for r in mine], atol=1e-5)
+    assert [n.decode() for n in served["class_name"].numpy()] == [
+        r["label"] or "unknown" for r in mine]
+    assert json.loads((run / "saved_model" / "assets" / "export.json").read_text())[
+        "reject_below"] == reject["reject_below"]
 
     code, out, err = run_cli(capsys, "evaluate", run, "--reject-below", "auto")
     assert code == 0, err
