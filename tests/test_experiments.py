@@ -118,6 +118,7 @@ def test_runs_of_an_experiment_skip_the_saved_model_and_export_it_on_demand(expe
     run = experiment[1] / "lr=0.01"
     assert not (run / "saved_model").exists()
     assert 'saved_model = "off"' in (run / "config.toml").read_text()
+    assert 'gradcam = "off"' in (run / "config.toml").read_text()  # 'tlapp report' draws them
     assert json.loads((run / "metrics.json").read_text())["saved_model"]["written"] is False
     image = next(p for p in (experiment[1].parent / "data").rglob("*.jpg"))
     capsys.readouterr()

@@ -104,3 +104,24 @@ def test_rows_per_read_grow_with_the_shards_a_loader_uses():
     assert read_rows(pooled, 10_000) == 4096  # at most 32 MB
     assert read_rows(14 * 14 * 1024 * 2, 1000) == 32 * 2**20 // (14 * 14 * 1024 * 2)
     assert read_rows(10**9, 1) == 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_value_among_many_rows_names_its_shard_only(tmp_path, bad):
+    """The read checks a whole call's rows by their max and min: NaN, inf and -inf in one
+    value of one row are each caught, and only that row's shard is named."""
+    from tlapp.features.loader import ShardReader
+
+    good = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float16)
+    np.save(tmp_path / "a.npy", good)
+    damaged = good.copy()
+    damaged[17, 4] = bad
+    np.save(tmp_path / "b.npy", damaged)
+    named = []
+    reader = ShardReader(tmp_path, np.float16, ["a.npy", "b.npy"], (6,),
+                         lambda names, reason: named.extend(names))
+    shards, rows = np.array([0, 1, 0, 1]), np.array([3, 16, 9, 18])
+    np.testing.assert_array_equal(reader.read(shards, rows), good[[3, 16, 9, 18]])
+    with pytest.raises(cache_lib.DamagedCacheError, match="non-finite values"):
+        reader.read(np.array([0, 1, 0]), np.array([17, 17, 2]))
+    assert named == ["b.npy"]

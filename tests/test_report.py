@@ -109,6 +109,24 @@ def test_report_loads_in_headless_chromium_without_network(evil_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_without_gradcam_shows_the_mistakes_and_report_draws_them(evil_run, tmp_path,
+                                                                        capsys):
+    """gradcam = "off" (the default of an experiment's runs): report.html lists the
+    mistakes without overlays, says how to get them, and 'tlapp report RUN' draws them."""
+    import tlapp
+
+    run = tlapp.pipeline.run(evil_run.config.replace(out=str(tmp_path / "run"), epochs=1,
+                                                     gradcam="off"))
+    gallery = references(run.path / "report.html").found
+    assert any(ref.endswith(".jpg") for ref in gallery)
+    assert not any(ref.endswith("-gradcam.jpg") for ref in gallery)
+    assert "tlapp report RUN" in (run.path / "report.html").read_text()
+    code, out, err = run_cli(capsys, "report", run.path)
+    assert code == 0, err
+    assert any(ref.endswith("-gradcam.jpg") for ref in references(run.path / "report.html").found)
+
+
+@pytest.mark.slow
 def test_report_command_rewrites_and_refuses_unfinished_runs(evil_run, tmp_path, capsys):
     (evil_run.path / "report.html").unlink()
     code, out, err = run_cli(capsys, "report", evil_run.path)

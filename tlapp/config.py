@@ -153,6 +153,10 @@ class Config:
                                      "skip it (the runs of 'tlapp experiment' default to off; "
                                      "'tlapp export RUN' writes it later)",
                                choices=("on", "off"))
+    gradcam: str = setting("on", "on: report.html overlays Grad-CAM on the test images the "
+                                 "model got most confidently wrong; off: the images alone (the "
+                                 "runs of 'tlapp experiment' default to off; 'tlapp report RUN' "
+                                 "draws them later)", choices=("on", "off"))
 
     def replace(self, **changes: Any) -> "Config":
         return validate(dataclasses.replace(self, **changes))

@@ -227,10 +227,11 @@ def _train(run: PlannedRun, folder: Path, cache_dir: Path, result: ExperimentRes
     keras.backend.clear_session()  # free the previous run's graphs; stable layer names
     errors = folder.parent / "errors" / f"{run.name}.txt"
     try:
-        # A run of an experiment is one candidate: its SavedModel is written on demand
-        # ('tlapp export RUN'), unless the file asks for it (saved_model = "on").
+        # A run of an experiment is one candidate: its SavedModel and its report's Grad-CAM
+        # overlays are made on demand ('tlapp export RUN', 'tlapp report RUN'), unless the
+        # file asks for them (saved_model = "on", gradcam = "on").
         config = config_lib.from_dict(
-            {"saved_model": "off"} | run.values | {"out": str(folder),
+            {"saved_model": "off", "gradcam": "off"} | run.values | {"out": str(folder),
                                                     "cache_dir": str(cache_dir)},
             f"run {run.name}")
         finished = pipeline.run(config, scans=scans, backbones=backbones)

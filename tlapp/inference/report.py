@@ -196,8 +196,10 @@ def _gallery_section(folder: Path, files: Path, model, labels: list[str]) -> str
         cards.append(f'<div class="card">{pictures}<div>{e(row["file"])}</div><div>true '
                      f'<b>{e(row["true"])}</b>, predicted <b>{e(row["predicted"])}</b> '
                      f'{e(number(float(row["confidence"])))}</div></div>')
-    return ("<h2>Most confident mistakes (test split)</h2><p class=\"muted\">Each with its "
-            "Grad-CAM overlay for the predicted class: where the model looked.</p>"
+    note = ("Each with its Grad-CAM overlay for the predicted class: where the model looked."
+            if overlays or model is not None else "Grad-CAM overlays: 'tlapp report RUN' "
+            "draws them (this run was written with gradcam = \"off\").")
+    return (f"<h2>Most confident mistakes (test split)</h2><p class=\"muted\">{note}</p>"
             f'<div class="gallery">{"".join(cards)}</div>')
 
 

@@ -207,7 +207,8 @@ def _run(config: Config, spec, out: Path, temp: Path, tracker, scans: dict | Non
         | {"total_s": round(time.perf_counter() - start, 3)},
     }
     if layout.is_chief:
-        write_report_safely(temp, models.full, metrics, out.name)
+        write_report_safely(temp, models.full if config.gradcam == "on" else None, metrics,
+                            out.name)
         folder.finish_run(temp, out, metrics)
     distribute.barrier(layout)  # a worker that exits early aborts the others' collectives
     log.info("done: val accuracy %s, test accuracy %s; run folder %s",
