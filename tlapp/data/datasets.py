@@ -66,11 +66,11 @@ def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch: int, epoch
             tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
         if shard is not None:
             order = shard(order)
-        dataset = tf.data.Dataset.from_tensor_slices(order)
         if parallel:  # deterministic order keeps runs reproducible; work stays parallel
-            return dataset.map(lambda i: load(i, e),
-                               num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-        return _batched_calls(dataset, batch_size, lambda i: load(i, e), load)
+            return tf.data.Dataset.from_tensor_slices(order).map(
+                lambda i: load(i, e), num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+        return _batched_calls(tf.size(order, tf.int64), lambda a, b: order[a:b], batch_size,
+                              lambda i: load(i, e), load)
 
     return (tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch)
             .prefetch(tf.data.AUTOTUNE))
@@ -79,9 +79,9 @@ def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch: int, epoch
 def ordered_batches(load: Callable, n: int, batch_size: int,
                     parallel: bool = False) -> tf.data.Dataset:
     """Batches of examples 0..n-1 in order, never augmented (validation, test, statistics)."""
-    dataset = tf.data.Dataset.range(n)
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size) \
-        if parallel else _batched_calls(dataset, batch_size, load, load)
+    dataset = tf.data.Dataset.range(n).map(load, num_parallel_calls=tf.data.AUTOTUNE) \
+        .batch(batch_size) if parallel else \
+        _batched_calls(n, lambda a, b: tf.range(a, tf.minimum(b, n)), batch_size, load, load)
     # rebatch() loses the count; Keras then reads until the end and warns "Your input ran
     # out of data" at every evaluation.
     batches = -(-n // batch_size)
@@ -95,11 +95,14 @@ def batches_per_call(load: Callable, batch_size: int) -> int:
     return max(1, int(getattr(load, "read_rows", 0)) // batch_size)
 
 
-def _batched_calls(indices: tf.data.Dataset, batch_size: int, call: Callable,
+def _batched_calls(n, indices: Callable, batch_size: int, call: Callable,
                    load: Callable) -> tf.data.Dataset:
-    """`call` on several batches of indices at once, split back into the same batches (the
-    same examples in the same order as one call per batch: only the calls are fewer)."""
+    """`call` on several batches of the `n` examples `indices(start, stop)` at once, split
+    back into the same batches (the same examples in the same order as one call per batch:
+    only the calls are fewer). One tf.data element per call, not one per example: those
+    cost more than the reads themselves."""
     calls = batches_per_call(load, batch_size)
-    if calls == 1:
-        return indices.batch(batch_size).map(call)
-    return indices.batch(batch_size * calls).map(call).rebatch(batch_size)
+    size = batch_size * calls
+    dataset = tf.data.Dataset.range(0, n, size).map(
+        lambda start: call(indices(start, start + size)))
+    return dataset if calls == 1 else dataset.rebatch(batch_size)

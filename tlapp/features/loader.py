@@ -27,6 +27,7 @@ MAX_READ_BYTES = 32 * 2**20  # or more when the rows are spread over many shards
 ROWS_PER_SHARD = 16  # about this many rows of each shard per call (a call costs per shard)
 MAX_READ_ROWS = 4096
 OPEN_SHARDS = 128  # memory maps kept open (each holds a file descriptor)
+ALIGN = 64  # tf.numpy_function takes an output this aligned as it is, others it copies
 
 
 class ShardReader:
@@ -75,7 +76,7 @@ class ShardReader:
 
     def read(self, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """The rows at (shards[i], rows[i]), in the order asked."""
-        out = np.empty((len(shards),) + self.shape, self.dtype)
+        out = aligned_empty((len(shards),) + self.shape, self.dtype)
         order = np.lexsort((rows, shards))
         sorted_shards = shards[order]
         starts = np.flatnonzero(np.r_[True, sorted_shards[1:] != sorted_shards[:-1]])
@@ -114,6 +115,15 @@ class ShardReader:
         with self._lock:
             self.closed = True
             self._open.clear()
+
+
+def aligned_empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """np.empty(shape, dtype) starting at a multiple of ALIGN bytes (numpy's own arrays
+    start at 16: TensorFlow would copy each read call's rows once more)."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    buffer = np.empty(size + ALIGN, np.uint8)
+    start = -buffer.ctypes.data % ALIGN
+    return buffer[start:start + size].view(dtype).reshape(shape)
 
 
 def read_rows(row_bytes: int, shards: int) -> int:
