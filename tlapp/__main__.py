@@ -1,5 +1,5 @@
 import sys
 
-from tlapp.cli import main
+from tlapp.cli import run
 
-sys.exit(main())
+sys.exit(run())
