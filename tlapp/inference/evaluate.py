@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -86,12 +87,14 @@ def misclassified(files: list[str], labels: np.ndarray, probabilities: np.ndarra
 
 
 def write_reports(folder: str | Path, result: dict, files: list[str], labels: np.ndarray,
-                  probabilities: np.ndarray, classes: list[str]) -> list[Path]:
+                  probabilities: np.ndarray, classes: list[str],
+                  draw: Callable = lambda plot, *args: plot(*args)) -> list[Path]:
     """Writes confusion_matrix.csv, misclassified.csv and plots/confusion_matrix.png.
 
     Args:
         result: `classification_metrics` of the same predictions.
         files: the images' paths as they should appear in misclassified.csv.
+        draw: `draw(plot, *args)` draws the plot (now, or queued for `draw_aside`).
 
     Returns:
         The files written.
@@ -117,7 +120,7 @@ def write_reports(folder: str | Path, result: dict, files: list[str], labels: np
                folder / "plots" / "confusion_matrix.png"]
     write_atomic(written[0], write_confusion)
     write_atomic(written[1], write_misclassified)
-    plot_confusion(matrix, classes, written[2])
+    draw(plot_confusion, matrix, classes, written[2])
     return written
 
 

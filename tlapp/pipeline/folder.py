@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from tlapp import config as config_lib
 from tlapp.data.scan import ScannedData
@@ -21,7 +22,8 @@ from tlapp.inference.evaluate import write_reports
 from tlapp.inference.export import export_saved_model
 from tlapp.pipeline.plan import Plan, Splits
 from tlapp.reporting.model_card import write_export_card, write_model_card
-from tlapp.reporting.plots import plot_coverage, plot_history, plot_reliability
+from tlapp.reporting.plots import (curve_points, draw_aside, plot_coverage, plot_history,
+                                   plot_reliability)
 from tlapp.training import distribute, fit, head
 from tlapp.training.checkpoint import Checkpoint
 
@@ -148,10 +150,16 @@ def save_outputs(temp: Path, models: head.Models, scanned: ScannedData, splits: 
 
 def _save_files(temp: Path, models: head.Models, scanned: ScannedData, splits: Splits,
                 checkpoint: Checkpoint, results: dict, probabilities: dict) -> None:
-    """Everything of `save_outputs` but the SavedModel."""
+    """Everything of `save_outputs` but the SavedModel. The plots are drawn in a child
+    process (`draw_aside`) while model.keras is written."""
+    plots = []
+
+    def draw(plot, *args):
+        plots.append((plot, args))
+
     history = checkpoint.state["history"]
     fit.write_history(temp / "history.csv", history)
-    plot_history(history, temp / "plots" / "training_curves.png")
+    draw(plot_history, history, temp / "plots" / "training_curves.png")
     thresholds = results.get("thresholds")
     if thresholds is not None:  # multi-label: the decisions need the tuned thresholds
         multilabel.write_thresholds(temp, scanned.classes, thresholds)
@@ -159,24 +167,29 @@ def _save_files(temp: Path, models: head.Models, scanned: ScannedData, splits: S
             multilabel.write_label_report(temp, results["test"])
     elif results["test"]["count"]:
         write_reports(temp, results["test"], [s.path for s in scanned.split("test")],
-                      splits.labels["test"], probabilities["test"], scanned.classes)
+                      splits.labels["test"], probabilities["test"], scanned.classes, draw)
     reject = results.get("reject")
     if thresholds is None:  # calibration and coverage are of one label per image
-        write_decision_plots(temp, results.get("calibration"), reject, probabilities, splits)
+        write_decision_plots(temp, results.get("calibration"), reject, probabilities, splits,
+                             draw)
     if reject is not None:
         write_json(temp / calibration.REJECT_FILE, {
             "reject_below": reject["reject_below"], "chosen": reject["chosen"],
             "keep": reject["keep"]})
+    finish_plots = draw_aside(plots, temp)
     models.full.save(temp / "model.keras")
+    finish_plots()
 
 
 def write_decision_plots(temp: Path, report: dict | None, reject: dict | None,
-                         probabilities: dict, splits: Splits) -> None:
+                         probabilities: dict, splits: Splits,
+                         draw: Callable = lambda plot, *args: plot(*args)) -> None:
     """plots/reliability.png (before and after calibration) and plots/coverage.png
-    (accuracy against the share answered, on test, else val)."""
+    (accuracy against the share answered, on test, else val). `draw(plot, *args)` draws
+    a plot (now, or queued for `draw_aside`)."""
     if report and report.get("curves"):
         temperature = report["temperature"]
-        plot_reliability({name: {
+        draw(plot_reliability, {name: {
             "before": calibration.reliability(p, labels),
             "after": calibration.reliability(calibration.scale(p, temperature), labels)}
             for name, (p, labels) in report["curves"].items()},
@@ -184,9 +197,10 @@ def write_decision_plots(temp: Path, report: dict | None, reject: dict | None,
     name = "test" if probabilities.get("test") is not None else "val"
     if probabilities.get(name) is not None:
         coverage, accuracy = calibration.coverage_curve(probabilities[name], splits.labels[name])
+        points = curve_points(len(coverage))  # the child gets what it draws
         chosen = reject and reject.get(name)
-        plot_coverage(coverage, accuracy, temp / "plots" / "coverage.png",
-                      (chosen["coverage"], chosen["selective_accuracy"]) if chosen else None)
+        draw(plot_coverage, coverage[points], accuracy[points], temp / "plots" / "coverage.png",
+             (chosen["coverage"], chosen["selective_accuracy"]) if chosen else None)
 
 
 def finish_run(temp: Path, out: Path, metrics: dict) -> None:
