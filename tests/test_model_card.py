@@ -162,6 +162,30 @@ def test_export_writes_the_card_of_an_old_run(trained_run, tmp_path, capsys):
     assert "label conflicts were not recorded" in text
 
 
+def test_evaluate_writes_the_run_card_and_its_saved_model_card_again(trained_run, tmp_path,
+                                                                        capsys):
+    """`tlapp evaluate RUN` adds a line for its result to MODEL_CARD.md (the run's and its
+    SavedModel's); the training-time lines stay (before: the card did not change)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.path, run)
+    before = (run / CARD).read_text()
+    code, _, err = run_cli(capsys, "evaluate", run, "--tta", "flip")
+    assert code == 0, err
+    result = json.loads((run / "metrics.json").read_text())["evaluate"]
+    k, n = sum(result["confusion_matrix"][i][i] for i in range(3)), result["count"]
+    low, high = wilson_interval(k, n)
+    line = (f"- `tlapp evaluate` on the test split (test-time augmentation: flip): accuracy "
+            f"{k}/{n} = {100 * k / n:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}%)")
+    text = (run / CARD).read_text()
+    assert line in text and line not in before
+
+    def dated(card):  # the "Written by tlapp ... on DATE" line aside
+        return [x for x in card.splitlines() if not x.startswith("Written by tlapp")]
+
+    assert dated(text.replace(line + "\n", "")) == dated(before)
+    assert line in (run / "saved_model" / CARD).read_text()
+
+
 def test_reject_threshold_and_imbalance_are_stated(tmp_path):
     folder = tmp_path / "run"
     write_fake_run(folder, ["big", "small"])

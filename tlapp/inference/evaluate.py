@@ -21,6 +21,7 @@ from tlapp.files import MARKER, owned_kind, write_atomic, write_json, write_text
 from tlapp.inference import calibration, multilabel, predict as predict_lib
 from tlapp.inference.runs import (Run, as_runs, check_batch_size, ensemble_members,
                                   resolve_reject)
+from tlapp.reporting.model_card import CARD, write_cards_safely
 from tlapp.reporting.plots import plot_confusion, plot_coverage
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,8 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
         out: folder for the results (default: the run folder; for an ensemble
             models/ensemble-TIME). metrics.json there gets them under "evaluate";
             confusion_matrix.csv, misclassified.csv and plots/confusion_matrix.png are
-            rewritten (per_label.csv for a multi-label run).
+            rewritten (per_label.csv for a multi-label run), and a run's MODEL_CARD.md
+            tells of the evaluation.
 
     Returns:
         The metrics (see `classification_metrics`, or `multilabel.multilabel_metrics` at
@@ -291,6 +293,8 @@ def evaluate_run(run, data: str | Path | None = None, batch_size: int = 32,
         plot_coverage(coverage, accuracy, out / "plots" / "coverage.png", selected and (
             selected["coverage"], selected["selective_accuracy"]))
     update_metrics(out, "evaluate", result)
+    if (out / CARD).is_file():  # a run's own card: it tells of this evaluation now
+        write_cards_safely(out)
     return result
 
 

@@ -21,7 +21,7 @@ from tlapp.inference import calibration, multilabel
 from tlapp.inference.evaluate import write_reports
 from tlapp.inference.export import export_saved_model
 from tlapp.pipeline.plan import Plan, Splits
-from tlapp.reporting.model_card import write_export_card, write_model_card
+from tlapp.reporting.model_card import write_cards_safely
 from tlapp.reporting.plots import (curve_points, draw_aside, plot_coverage, plot_history,
                                    plot_reliability)
 from tlapp.training import distribute, fit, head
@@ -207,7 +207,7 @@ def finish_run(temp: Path, out: Path, metrics: dict) -> None:
     """metrics.json last (then MODEL_CARD.md, made from the files), then the partial folder
     becomes the run folder; nothing that appeared at `out` meanwhile is replaced."""
     write_json(temp / "metrics.json", metrics)
-    write_card_safely(temp, out.name)
+    write_cards_safely(temp, out.name)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if out.exists():
@@ -215,18 +215,6 @@ def finish_run(temp: Path, out: Path, metrics: dict) -> None:
                              f"was left in {temp}: move it where you want it.")
     out.parent.mkdir(parents=True, exist_ok=True)
     temp.rename(out)
-
-
-def write_card_safely(temp: Path, name: str) -> None:
-    """MODEL_CARD.md in the run folder and its SavedModel; a failure there is reported and
-    never costs the finished run."""
-    try:
-        write_model_card(temp, name)
-        if (temp / "saved_model").is_dir():
-            write_export_card([temp], temp / "saved_model")
-    except Exception as error:  # noqa: BLE001 - the run itself is complete
-        log.warning("model card: MODEL_CARD.md was not written (%s: %s); 'tlapp report RUN' "
-                    "writes it later", type(error).__name__, error)
 
 
 def saved_model_record(written: bool) -> dict:

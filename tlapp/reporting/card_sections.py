@@ -162,6 +162,14 @@ def metrics_section(folder, config, metrics, labels, counts) -> list[str]:
         k, n = correct_count(result), int(result.get("count") or 0)
         lines.append(f"- {name} {what}: " + (estimate(k, n) if n and k is not None
                                                 else "no images, so no estimate"))
+    later = metrics.get("evaluate")
+    if later:  # `tlapp evaluate RUN` since: its data, test-time augmentation and result
+        k, n = correct_count(later), int(later.get("count") or 0)
+        data = later.get("data") or "test split"  # or the folder or list it was given
+        lines.append(f"- `tlapp evaluate` on "
+                     f"{'the test split' if data == 'test split' else escape(data)} "
+                     f"(test-time augmentation: {escape(later.get('tta') or 'none')}): {what} "
+                     + (estimate(k, n) if n and k is not None else "no estimate"))
     lines += ["", "Intervals are 95% Wilson score intervals from the number of images: with "
                   "few test images they are wide, and the true accuracy on new images like "
                   "these may be anywhere inside.", ""]

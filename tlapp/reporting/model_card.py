@@ -9,6 +9,7 @@ Class and file names are user data: `escape` keeps the Markdown valid whatever t
 from __future__ import annotations
 
 import datetime
+import logging
 import tomllib
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from tlapp.reporting import card_sections
 from tlapp.reporting.card_sections import escape, read_json, table, wilson_interval  # noqa: F401
 
 CARD = "MODEL_CARD.md"
+
+log = logging.getLogger(__name__)
 
 
 def read_config(folder: Path) -> dict:
@@ -58,6 +61,19 @@ def write_model_card(folder: str | Path, name: str | None = None) -> Path:
     path = folder / CARD
     write_text(path, model_card(folder, name))
     return path
+
+
+def write_cards_safely(folder: Path, name: str | None = None) -> None:
+    """MODEL_CARD.md in a run folder and in its SavedModel (written again from the folder's
+    files); a failure is reported, never raised: it must not cost a finished run or
+    evaluation."""
+    try:
+        write_model_card(folder, name)
+        if (folder / "saved_model").is_dir():
+            write_export_card([folder], folder / "saved_model")
+    except Exception as error:  # noqa: BLE001 - what the card tells is in the files
+        log.warning("model card: MODEL_CARD.md was not written (%s: %s); 'tlapp report RUN' "
+                    "writes it later", type(error).__name__, error)
 
 
 def model_card(folder: str | Path, name: str | None = None) -> str:
