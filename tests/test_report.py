@@ -59,6 +59,16 @@ def test_names_are_shown_as_text_and_never_run(evil_run):
 
 
 @pytest.mark.slow
+def test_the_report_states_the_label_conflicts_the_scan_found(evil_run):
+    """Every image of the run is in both classes: report.html says so, as the model card
+    does (before: it counted duplicates only)."""
+    page = (evil_run.path / "report.html").read_text()
+    assert "<li>Label conflicts: 10 image content(s) appear under more than one class, so " \
+           "their labels disagree.</li>" in page
+    assert "<li>Duplicates: " in page
+
+
+@pytest.mark.slow
 def test_every_referenced_file_exists_and_thumbnails_are_small(evil_run):
     found = references(evil_run.path / "report.html").found
     assert any(ref.startswith("plots/") for ref in found)

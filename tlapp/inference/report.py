@@ -21,6 +21,7 @@ from PIL import Image
 
 from tlapp.data.scan import data_root, resolve_data
 from tlapp.files import write_text
+from tlapp.reporting.card_sections import scan_findings
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,9 @@ def _data_section(metrics: dict, folder: Path) -> str:
     rows = [[name, n] for name, n in per_class.items()]
     summary = (f"<p>Used {e(counts.get('used', '?'))} of {e(counts.get('found', '?'))} files: "
                f"train {e(counts.get('train', '?'))}, val {e(counts.get('val', '?'))}, test "
-               f"{e(counts.get('test', '?'))}; {e(counts.get('duplicates', 0))} duplicate "
-               f"files.</p>")
+               f"{e(counts.get('test', '?'))}.</p><ul>"
+               + "".join(f"<li>{e(finding)}</li>" for finding in scan_findings(counts))
+               + "</ul>")
     skipped = counts.get("skipped_by_reason") or {}
     skipped_html = table(["skipped because", "files"], [[k, v] for k, v in skipped.items()]) \
         if skipped else "<p>No file was skipped.</p>"

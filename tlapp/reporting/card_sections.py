@@ -245,7 +245,7 @@ def limitations_section(folder, config, metrics, labels, counts) -> list[str]:
                      f"smallest" + (f" (imbalanced: {IMBALANCE_RATIO:g}x or more; class "
                                     f"weights: {config.get('class_weight', 'none')})"
                                     if ratio >= IMBALANCE_RATIO else "") + ".")
-    items += _scan_findings(totals)
+    items += scan_findings(totals)
     items.append(_calibration_text(metrics, config))
     if str(config.get("weights")) == "none":
         items.append("The backbone was not pretrained (weights = none): its features are "
@@ -253,8 +253,9 @@ def limitations_section(folder, config, metrics, labels, counts) -> list[str]:
     return ["## Limitations tlapp knows", ""] + [f"- {item}" for item in items]
 
 
-def _scan_findings(totals: dict) -> list[str]:
-    """Duplicates, label conflicts and split leaks the scan found."""
+def scan_findings(totals: dict) -> list[str]:
+    """Duplicates, label conflicts and split leaks the scan found (metrics.json's counts):
+    sentences for the card and report.html."""
     if "conflicts" not in totals:
         return [f"Duplicates: {totals.get('duplicates', 0)} used file(s) repeat the content of "
                 f"another; label conflicts were not recorded by the tlapp that made this run."]
