@@ -15,6 +15,8 @@ by side, so the ratios are taken under the same machine load. Parts:
            in Python and in a graph (as Keras's train function takes them), and rows per
            CPU-second (all threads: what machine load distorts least); new and baseline
            interleaved --repeats times (medians); against the rate head training consumes
+  head     head training (`fit.fit_stage`) on rows of that pooled entry: rows/s with 32
+           steps per call of Keras's train function against one, interleaved (medians)
   trial    the second trial of an experiment on a folder of N files (cache reused): its
            costs besides training (scan, model, cache, evaluation, export)
   run300   `tlapp train` on 300 256-px JPEGs (resnet50, 224 px, weights none, 10 epochs,
@@ -25,6 +27,7 @@ by side, so the ratios are taken under the same machine load. Parts:
     python scripts/bench_scale.py memory --files 1000000
     python scripts/bench_scale.py growth --rows 1000000 [--baseline ... --baseline-rows 200000]
     python scripts/bench_scale.py reads --rows 1000000 --baseline /work/main --repeats 3
+    python scripts/bench_scale.py head --rows 100000 --read-epochs 2 --repeats 3
     python scripts/bench_scale.py trial --files 50000 --baseline /work/main [--share-cache --repeats 3]
     python scripts/bench_scale.py run300 --baseline /work/main --repeats 2
 
@@ -183,8 +186,39 @@ def worker_consume(steps: int) -> dict:
     return {"rows_per_s": steps * 32 / (time.perf_counter() - tick)}
 
 
+def worker_head(cache: str, kind_key: str, rows: int, epochs: int, per_call: int) -> dict:
+    """Rows/s of head training (`fit.fit_stage`: a pooled head, dropout and a 10-class
+    softmax, batches of 32) on `rows` rows of the pooled entry, `per_call` steps per call
+    of Keras's train function (fit.STEPS_PER_CALL; 1 is one step per call, as before)."""
+    import hashlib
+
+    import keras
+    import numpy as np
+
+    from tlapp.features import cache as cache_lib
+    from tlapp.features.loader import FeatureLoader
+    from tlapp.training import checkpoint, fit
+
+    feature_cache = cache_lib.FeatureCache(cache, json.loads(kind_key))
+    digests = [hashlib.sha256(f"row {i}".encode()).hexdigest() for i in range(rows)]
+    loader = FeatureLoader(feature_cache, digests, np.arange(rows) % 10, 10)
+    fit.STEPS_PER_CALL = per_call
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2048,))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(
+        keras.layers.Dropout(0.2)(inputs)))
+    settings = fit.Settings(epochs=epochs, batch_size=32, lr=1e-3, seed=0)
+    with tempfile.TemporaryDirectory() as folder:
+        tick = time.perf_counter()
+        history = fit.fit_stage("head", model, settings, rows, loader, None,
+                                checkpoint.Checkpoint(Path(folder), model))
+        seconds = time.perf_counter() - tick
+    return {"rows_per_s": rows * epochs / seconds, "loss": [r["loss"] for r in history],
+            "steps_per_execution": int(model.steps_per_execution)}
+
+
 WORKERS = {"scan": worker_scan, "growth": worker_growth, "reads": worker_reads,
-           "consume": worker_consume}
+           "consume": worker_consume, "head": worker_head}
 
 
 def _children_cpu() -> float:
@@ -323,6 +357,19 @@ def part_growth(args, work: Path) -> dict:
     return out
 
 
+def _pooled_entry(cache: Path) -> dict:
+    """The pooled entry that `growth --keep-entry` left in `cache`."""
+    sys.path.insert(0, str(HERE))
+    from tlapp.features import entries
+
+    found = [e for e in entries.list_entries(cache) if e["key"].get("backbone", "")
+             .endswith("pooled")] if cache.is_dir() else []
+    if len(found) != 1:
+        raise SystemExit(f"no pooled entry in {cache}: run 'growth --kinds pooled "
+                         f"--keep-entry --work {cache.parent}' first")
+    return found[0]
+
+
 def part_reads(args, work: Path) -> dict:
     """Reads from the pooled entry `growth` left in work/growth-new-pooled (kept with
     --keep-entry; --rows must not exceed its rows)."""
@@ -330,12 +377,7 @@ def part_reads(args, work: Path) -> dict:
     from tlapp.features import entries
 
     cache = work / "growth-new-pooled"
-    found = [e for e in entries.list_entries(cache) if e["key"].get("backbone", "")
-             .endswith("pooled")] if cache.is_dir() else []
-    if len(found) != 1:
-        raise SystemExit(f"reads: no pooled entry in {cache}: run 'growth --kinds pooled "
-                         f"--keep-entry --work {work}' first")
-    (entry,) = found
+    entry = _pooled_entry(cache)
     key = json.dumps(entry["key"])
     old = None
     if args.baseline:  # the old code reads a manifest: write one beside hard links
@@ -504,12 +546,32 @@ def part_run300(args, work: Path) -> dict:
     return {"raw": raw, "medians": medians}
 
 
+def part_head(args, work: Path) -> dict:
+    """Head training on the pooled entry `growth` left (as for reads): several steps per
+    call of the train function against one, interleaved --repeats times (medians)."""
+    cache = work / "growth-new-pooled"
+    key = json.dumps(_pooled_entry(cache)["key"])
+    runs = {32: [], 1: []}
+    for _ in range(args.repeats):
+        for per_call in runs:
+            result = child("head", cache, key, args.rows, args.read_epochs, per_call)
+            runs[per_call].append(result)
+            print(f"head, {result['steps_per_execution']} steps per call: "
+                  f"{result['rows_per_s']:,.0f} rows/s, loss {result['loss']}; {load()}",
+                  flush=True)
+    medians = {k: statistics.median(r["rows_per_s"] for r in v) for k, v in runs.items()}
+    print(f"head training rows/s: 32 steps per call {medians[32]:,.0f} / one {medians[1]:,.0f}"
+          f" = {medians[32] / medians[1]:.2f}x (medians of {args.repeats})", flush=True)
+    return {"runs": {str(k): v for k, v in runs.items()}, "medians": medians}
+
+
 def _codes(args) -> list[tuple[str, Path]]:
     return [("new", HERE)] + ([("baseline", Path(args.baseline))] if args.baseline else [])
 
 
 PARTS = {"scan": part_scan, "memory": part_memory, "growth": part_growth,
-         "reads": part_reads, "trial": part_trial, "run300": part_run300}
+         "reads": part_reads, "trial": part_trial, "run300": part_run300,
+         "head": part_head}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -517,7 +579,8 @@ def main(argv: list[str] | None = None) -> dict:
     if argv and argv[0] == "--worker":
         kind, *rest = argv[1:]
         types = {"growth": (str, str, int, str), "reads": (str, str, int, int),
-                 "consume": (int,), "scan": (str, str)}[kind]
+                 "consume": (int,), "scan": (str, str),
+                 "head": (str, str, int, int, int)}[kind]
         print(json.dumps(WORKERS[kind](*(t(v) for t, v in zip(types, rest)))))
         return {}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

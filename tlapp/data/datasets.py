@@ -50,10 +50,13 @@ def targets(labels: tf.Tensor, index, num_classes: int) -> tf.Tensor:
     return tf.one_hot(tf.gather(labels, index), num_classes)
 
 
-def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch: int, epochs: int,
+def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch, epochs: int | None,
                      load: Callable, parallel: bool = False,
                      shard: Callable | None = None) -> tf.data.Dataset:
     """Batches for epochs [first_epoch, epochs): each epoch a permutation drawn from (seed, epoch).
+
+    With `epochs` None, the batches of one epoch: the one `first_epoch` (a tf.Variable)
+    holds each time the dataset is iterated.
 
     `load(index, epoch)` -> (x, label) for one example (parallel=True maps it on many
     threads, for decoding and augmentation); otherwise `load(indices, epoch)` is called on
@@ -72,8 +75,9 @@ def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch: int, epoch
         return _batched_calls(tf.size(order, tf.int64), lambda a, b: order[a:b], batch_size,
                               lambda i: load(i, e), load)
 
-    return (tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch)
-            .prefetch(tf.data.AUTOTUNE))
+    epochs = tf.data.Dataset.range(first_epoch, epochs) if epochs is not None else \
+        tf.data.Dataset.range(1).map(lambda _: tf.cast(first_epoch, tf.int64))
+    return epochs.flat_map(epoch).prefetch(tf.data.AUTOTUNE)
 
 
 def ordered_batches(load: Callable, n: int, batch_size: int,

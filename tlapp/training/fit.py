@@ -25,6 +25,8 @@ from tlapp.training.checkpoint import (HISTORY_FIELDS, Checkpoint, EarlyStopping
 
 log = logging.getLogger(__name__)
 
+STEPS_PER_CALL = 32  # training steps per call of Keras's train function (steps_per_execution)
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -135,6 +137,18 @@ class Reseed(keras.callbacks.Callback):
                                      dtype=variable.dtype))
 
 
+class SetEpoch(keras.callbacks.Callback):
+    """Sets the epoch variable of a one-epoch training dataset at the start of each epoch
+    (`sharding.training_batches(epoch=...)`)."""
+
+    def __init__(self, epoch: tf.Variable):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(epoch)
+
+
 def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
               train_loader: Callable, val_batches: tf.data.Dataset | None,
               checkpoint: Checkpoint, log_dir: Path | None = None,
@@ -147,13 +161,21 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
     """
     steps = sharding.steps_per_epoch(model.distribute_strategy, n_train, settings.batch_size)
     optimizer = make_optimizer(settings, steps)
+    warmup_callback = settings.lr_schedule == "plateau" and settings.warmup_epochs > 0
+    # Several steps per call of the train function: Keras's cost per call (callbacks, the
+    # call itself) is most of a step of a head on cached rows. Without a strategy only
+    # (each epoch a dataset of its own, `sharding.training_batches`), and not with the
+    # warmup callback, which sets the learning rate of every step.
+    per_call = min(STEPS_PER_CALL, steps) if sharding.is_default(model.distribute_strategy) \
+        and not warmup_callback else 1
     if settings.multi_label:  # "accuracy": the share of right yes/no decisions
         loss = keras.losses.BinaryCrossentropy(label_smoothing=settings.label_smoothing)
         metric = keras.metrics.BinaryAccuracy(name="accuracy")
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing)
         metric = "accuracy"
-    model.compile(optimizer=optimizer, loss=loss, metrics=[metric], jit_compile=settings.jit)
+    model.compile(optimizer=optimizer, loss=loss, metrics=[metric], jit_compile=settings.jit,
+                  steps_per_execution=per_call)
     optimizer.build(model.trainable_variables)
     done = checkpoint.completed(stage, settings.epochs)
     if checkpoint.restore_pending:  # resuming: the newest weights, once
@@ -164,6 +186,9 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
         if done:
             log.info("%s: resuming after epoch %d from %s", stage, done, checkpoint.folder)
         extra, callbacks = callbacks, [Reseed(settings.seed)]
+        epoch = tf.Variable(done, dtype=tf.int64, trainable=False) if per_call > 1 else None
+        if epoch is not None:
+            callbacks.append(SetEpoch(epoch))
         if log_dir:
             callbacks.append(keras.callbacks.TensorBoard(str(log_dir / stage)))
         monitor = "val_loss" if val_batches is not None else "loss"
@@ -184,7 +209,7 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
         callbacks += [*extra, checkpoint]  # the checkpoint last: it saves what others left
         train, class_weight = sharding.training_batches(
             model.distribute_strategy, n_train, settings.batch_size, settings.seed, done,
-            settings.epochs, train_loader, parallel, settings.class_weight)
+            settings.epochs, train_loader, parallel, settings.class_weight, epoch)
         # Stopped early just before a kill: no epoch runs, the callbacks only end the stage.
         first = settings.epochs if done and checkpoint.stopped_early(stage) else done
         model.fit(train, epochs=settings.epochs, initial_epoch=first, steps_per_epoch=steps,

@@ -36,14 +36,28 @@ def steps_per_epoch(strategy: tf.distribute.Strategy, n: int, batch_size: int) -
 
 def training_batches(strategy: tf.distribute.Strategy, n: int, batch_size: int, seed: int,
                      first_epoch: int, epochs: int, load: Callable, parallel: bool,
-                     class_weight: dict | None) -> tuple:
+                     class_weight: dict | None, epoch: tf.Variable | None = None) -> tuple:
     """`datasets.shuffled_batches` for `strategy`, and the class_weight to give `fit`.
 
     On one replica it is that dataset itself. On several, a distributed dataset whose
     pipelines shard the order before loading (`shard_order`), and whose class weights are
     sample weights (Keras cannot map a distributed dataset to add them).
+
+    With `epoch` (no strategy only: `is_default`), the dataset holds one epoch, the one
+    `epoch` holds when Keras iterates it (set it at each epoch's start), so that Keras can
+    run several steps per call of its train function (steps_per_execution) and never run
+    one across the end of an epoch.
     """
     replicas = strategy.num_replicas_in_sync
+    if epoch is not None:
+        if not is_default(strategy):
+            raise ValueError("one epoch per iteration is for training without a strategy")
+        options = tf.data.Options()
+        options.experimental_warm_start = False  # `epoch` is read by the first batch, after
+        # the callback set it (Keras makes the next epoch's iterator before that)
+        dataset = datasets.shuffled_batches(n, batch_size, seed, epoch, None, load, parallel)
+        return dataset.apply(tf.data.experimental.assert_cardinality(steps_per_epoch(
+            strategy, n, batch_size))).with_options(options), class_weight
     if replicas == 1:
         dataset = datasets.shuffled_batches(n, batch_size, seed, first_epoch, epochs, load,
                                             parallel)
@@ -71,6 +85,11 @@ def add_class_weights(dataset: tf.data.Dataset, class_weight: dict | None) -> tf
     weights = tf.constant([class_weight.get(i, 1.0) for i in range(max(class_weight) + 1)],
                           tf.float32)
     return dataset.map(lambda x, y: (x, y, tf.gather(weights, tf.argmax(y, axis=-1))))
+
+
+def is_default(strategy: tf.distribute.Strategy) -> bool:
+    """No tf.distribute strategy (the "one" layout): Keras iterates datasets as they are."""
+    return strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy()
 
 
 def is_one_replica_mirrored(strategy: tf.distribute.Strategy) -> bool:
