@@ -23,12 +23,13 @@ def model() -> keras.Model:
                              keras.layers.Dense(3, activation="softmax")])
 
 
-def train(tmp_path, name: str, **settings) -> tuple[keras.Model, list[dict]]:
+def train(tmp_path, name: str, parallel: bool = False, **settings
+          ) -> tuple[keras.Model, list[dict]]:
     net = model()
     settings = fit.Settings(**{"epochs": EPOCHS, "batch_size": BATCH, "lr": 0.05, "seed": 0,
                                **settings})
     rows = fit.fit_stage("head", net, settings, ROWS, load, None,
-                         checkpoint.Checkpoint(tmp_path / name, net))
+                         checkpoint.Checkpoint(tmp_path / name, net), parallel=parallel)
     return net, rows
 
 
@@ -61,8 +62,10 @@ def test_several_steps_per_call_train_exactly_as_one(tmp_path, monkeypatch):
         assert_same(net, one)
 
 
-def test_the_warmup_callback_and_strategies_keep_one_step_per_call(tmp_path):
+def test_images_the_warmup_callback_and_strategies_keep_one_step_per_call(tmp_path):
     net, _ = train(tmp_path, "warmup", epochs=1, lr_schedule="plateau", warmup_epochs=1)
+    assert net.steps_per_execution == 1
+    net, _ = train(tmp_path, "images", epochs=1, parallel=True)  # a loader per example
     assert net.steps_per_execution == 1
     assert sharding.is_default(tf.distribute.get_strategy())
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")

@@ -162,12 +162,13 @@ def fit_stage(stage: str, model: keras.Model, settings: Settings, n_train: int,
     steps = sharding.steps_per_epoch(model.distribute_strategy, n_train, settings.batch_size)
     optimizer = make_optimizer(settings, steps)
     warmup_callback = settings.lr_schedule == "plateau" and settings.warmup_epochs > 0
-    # Several steps per call of the train function: Keras's cost per call (callbacks, the
-    # call itself) is most of a step of a head on cached rows. Without a strategy only
-    # (each epoch a dataset of its own, `sharding.training_batches`), and not with the
-    # warmup callback, which sets the learning rate of every step.
-    per_call = min(STEPS_PER_CALL, steps) if sharding.is_default(model.distribute_strategy) \
-        and not warmup_callback else 1
+    # Several steps per call of the train function on cached rows, where Keras's cost per
+    # call (callbacks, the call itself) is most of a step; not on images (a step costs far
+    # more, and the progress bar would wait for 32 of them). Without a strategy only (each
+    # epoch a dataset of its own, `sharding.training_batches`), and not with the warmup
+    # callback, which sets the learning rate of every step.
+    per_call = min(STEPS_PER_CALL, steps) if not parallel and not warmup_callback and \
+        sharding.is_default(model.distribute_strategy) else 1
     if settings.multi_label:  # "accuracy": the share of right yes/no decisions
         loss = keras.losses.BinaryCrossentropy(label_smoothing=settings.label_smoothing)
         metric = keras.metrics.BinaryAccuracy(name="accuracy")
