@@ -9,6 +9,10 @@ import tensorflow as tf
 
 from tlapp.data.decoding import decode_image
 
+# read calls of a per-batch loader (rows of the feature cache) run at once: a call's copies
+# of random rows wait on memory and release the GIL, so a second call overlaps them
+CALLS_IN_FLIGHT = 2
+
 
 def image_dataset(paths: list, image_size: int, batch_size: int,
                   max_pixels: int | None = None) -> tf.data.Dataset:
@@ -77,7 +81,8 @@ def shuffled_batches(n: int, batch_size: int, seed: int, first_epoch, epochs: in
 
     epochs = tf.data.Dataset.range(first_epoch, epochs) if epochs is not None else \
         tf.data.Dataset.range(1).map(lambda _: tf.cast(first_epoch, tf.int64))
-    return epochs.flat_map(epoch).prefetch(tf.data.AUTOTUNE)
+    dataset = epochs.flat_map(epoch).prefetch(tf.data.AUTOTUNE)
+    return dataset if parallel else _untuned(dataset)
 
 
 def ordered_batches(load: Callable, n: int, batch_size: int,
@@ -89,8 +94,9 @@ def ordered_batches(load: Callable, n: int, batch_size: int,
     # rebatch() loses the count; Keras then reads until the end and warns "Your input ran
     # out of data" at every evaluation.
     batches = -(-n // batch_size)
-    return dataset.apply(tf.data.experimental.assert_cardinality(batches)) \
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches)) \
         .prefetch(tf.data.AUTOTUNE)
+    return dataset if parallel else _untuned(dataset)
 
 
 def batches_per_call(load: Callable, batch_size: int) -> int:
@@ -104,9 +110,21 @@ def _batched_calls(n, indices: Callable, batch_size: int, call: Callable,
     """`call` on several batches of the `n` examples `indices(start, stop)` at once, split
     back into the same batches (the same examples in the same order as one call per batch:
     only the calls are fewer). One tf.data element per call, not one per example: those
-    cost more than the reads themselves."""
+    cost more than the reads themselves. CALLS_IN_FLIGHT calls run at once, their results
+    taken in order."""
     calls = batches_per_call(load, batch_size)
     size = batch_size * calls
     dataset = tf.data.Dataset.range(0, n, size).map(
-        lambda start: call(indices(start, start + size)))
+        lambda start: call(indices(start, start + size)),
+        num_parallel_calls=CALLS_IN_FLIGHT, deterministic=True)
     return dataset if calls == 1 else dataset.rebatch(batch_size)
+
+
+def _untuned(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` without tf.data's autotuning model. A per-batch loader's pipeline has
+    nothing it tunes (a fixed number of calls in flight), and with it the reads of cached
+    rows were at times paced at one call per 10 ms: in a third of runs, 194,000 rows/s
+    against 290,000 (docs/benchmarks.md)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)

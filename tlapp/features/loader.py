@@ -24,7 +24,7 @@ from tlapp.progress import Progress
 
 READ_BYTES = 4 * 2**20  # rows per call: about this many bytes (at least one batch),
 MAX_READ_BYTES = 32 * 2**20  # or more when the rows are spread over many shards:
-ROWS_PER_SHARD = 16  # about this many rows of each shard per call (a call costs per shard)
+ROWS_PER_SHARD = 32  # about this many rows of each shard per call (a call costs per shard)
 MAX_READ_ROWS = 4096
 OPEN_SHARDS = 128  # memory maps kept open (each holds a file descriptor)
 ALIGN = 64  # tf.numpy_function takes an output this aligned as it is, others it copies
@@ -47,7 +47,8 @@ class ShardReader:
         self.shape = tuple(shape)
         self.on_damaged = on_damaged
         self._open: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-        self._lock = threading.Lock()  # tf.data may read on several threads
+        self._lock = threading.RLock()  # tf.data reads on several threads
+        self._dropped: set[str] = set()
         self.closed = False
         self.bytes_read = 0
         self.damage: DamagedCacheError | None = None
@@ -80,7 +81,11 @@ class ShardReader:
         order = np.lexsort((rows, shards))
         sorted_shards = shards[order]
         starts = np.flatnonzero(np.r_[True, sorted_shards[1:] != sorted_shards[:-1]])
-        for start, end in zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist()):
+        # the max and min of each shard's rows carry any NaN or inf: taken while the rows
+        # are in the CPU's cache, not in two passes over the whole call's rows afterwards
+        extremes = np.empty((len(starts), 2), self.dtype)
+        for k, (start, end) in enumerate(zip(starts.tolist(),
+                                             np.r_[starts[1:], len(order)].tolist())):
             chosen = order[start:end]
             wanted = rows[chosen]
             index = int(sorted_shards[start])
@@ -89,27 +94,29 @@ class ShardReader:
             if first < 0 or last >= len(source):  # shorter than its record: replaced since
                 self._fail([self.names[index]], f"holds {len(source)} rows, its record more "
                                                 f"(row {last} was asked for)")
-            if last - first + 1 == len(wanted):  # a run of consecutive rows: one slice
-                out[chosen] = source[first:last + 1]
-            else:
-                out[chosen] = source[wanted]
-        self.bytes_read += out.nbytes
-        if len(out) and not (np.isfinite(out.max()) and np.isfinite(out.min())):
-            # max and min carry any NaN or inf, without a mask as large as the rows
-            finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
-            bad = sorted({self.names[i] for i in np.unique(shards[~finite])})
-            self._fail(bad, "non-finite values (inf or NaN) in rows read for training: the "
-                            "file was changed after it was written")
+            # a run of consecutive rows is one slice
+            part = source[first:last + 1] if last - first + 1 == len(wanted) else source[wanted]
+            extremes[k] = part.max(), part.min()
+            out[chosen] = part
+        with self._lock:  # tf.data runs several calls at once
+            self.bytes_read += out.nbytes
+        damaged = ~np.isfinite(extremes).all(axis=1)
+        if damaged.any():
+            self._fail([self.names[int(sorted_shards[i])] for i in starts[damaged]],
+                       "non-finite values (inf or NaN) in rows read for training: the file "
+                       "was changed after it was written")
         return out
 
     def _fail(self, names: list[str], reason: str):
-        if self.on_damaged is not None:
-            self.on_damaged(names, reason)
-        self.damage = DamagedCacheError(
-            f"The feature cache entry {self.entry} had damaged shard(s) {', '.join(names)} "
-            f"({reason}). They were removed; their rows are extracted again by the next run: "
-            f"run the same command again.")
-        raise self.damage
+        with self._lock:  # two calls at once may find the same shard damaged: dropped once
+            if self.on_damaged is not None and set(names) - self._dropped:
+                self.on_damaged(sorted(set(names) - self._dropped), reason)
+            self._dropped.update(names)
+            self.damage = DamagedCacheError(
+                f"The feature cache entry {self.entry} had damaged shard(s) "
+                f"{', '.join(names)} ({reason}). They were removed; their rows are extracted "
+                f"again by the next run: run the same command again.")
+            raise self.damage
 
     def close(self) -> None:
         with self._lock:
