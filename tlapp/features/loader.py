@@ -26,12 +26,16 @@ READ_BYTES = 4 * 2**20  # rows per call: about this many bytes (at least one bat
 MAX_READ_BYTES = 32 * 2**20  # or more when the rows are spread over many shards:
 ROWS_PER_SHARD = 32  # about this many rows of each shard per call (a call costs per shard)
 MAX_READ_ROWS = 4096
-OPEN_SHARDS = 128  # memory maps kept open (each holds a file descriptor)
+# memory maps kept open: every shard of an entry up to MAX_OPEN_SHARDS (a call reads rows
+# of all of them: fewer, and each call would open most shards again), at least OPEN_SHARDS
+OPEN_SHARDS = 128
+MAX_OPEN_SHARDS = 8192  # each holds a file descriptor and a memory map (Linux: 65,530 maps)
+SPARE_DESCRIPTORS = 512  # left for the rest of the process
 ALIGN = 64  # tf.numpy_function takes an output this aligned as it is, others it copies
 
 
 class ShardReader:
-    """Reads rows of .npy shards through memory maps, at most OPEN_SHARDS open at once.
+    """Reads rows of .npy shards through memory maps, at most `open_limit` open at once.
 
     Args:
         names: shard file names; rows are addressed by (index into names, row).
@@ -47,6 +51,7 @@ class ShardReader:
         self.shape = tuple(shape)
         self.on_damaged = on_damaged
         self._open: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self.open_limit = open_limit(len(names))
         self._lock = threading.RLock()  # tf.data reads on several threads
         self._dropped: set[str] = set()
         self.closed = False
@@ -71,7 +76,7 @@ class ShardReader:
             # a plain view: numpy's memmap class costs per indexing; the view keeps the map
             rows = rows.view(np.ndarray)  # open as long as it lives
             self._open[index] = rows
-            if len(self._open) > OPEN_SHARDS:
+            if len(self._open) > self.open_limit:
                 self._open.popitem(last=False)  # the map and its descriptor go with it
             return rows
 
@@ -122,6 +127,28 @@ class ShardReader:
         with self._lock:
             self.closed = True
             self._open.clear()
+
+
+def open_limit(shards: int) -> int:
+    """How many shards a reader keeps open: all `shards`, within MAX_OPEN_SHARDS and the
+    process's limit of open files, whose soft value is raised toward the hard one to fit
+    them (a soft limit of 1,024 is common; each open shard holds a descriptor)."""
+    wanted = min(shards, MAX_OPEN_SHARDS)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return OPEN_SHARDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    room = wanted if soft == resource.RLIM_INFINITY else soft - SPARE_DESCRIPTORS
+    return max(OPEN_SHARDS, min(wanted, room))
 
 
 def aligned_empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
